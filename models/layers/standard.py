@@ -1,0 +1,43 @@
+"""Standard: an unconstrained convolution, the baseline of Prach et al. (CVPR 2024).
+
+Guarantee: none. It is *not* 1-Lipschitz; certificates for it use the audited bound of the
+exported network (usually far above 1) so radii stay correct, just small.
+Padding: circular (as the other circular methods, so the comparison is like for like).
+Inference: one plain circular convolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers.base import LipschitzConv2d
+from models.plain import CircularConv2d, circular_pad
+from models.registry import register_method
+
+
+@register_method("standard")
+class StandardConv2d(LipschitzConv2d):
+    """Plain ``Conv2d`` with circular padding and Kaiming-uniform init (torch's default)."""
+
+    padding = "circular"
+    lipschitz = False
+    orthogonal = False
+
+    def __init__(self, channels: int, kernel_size: int = 3, *, bias: bool = True) -> None:
+        super().__init__(channels, kernel_size, bias=bias)
+        self.weight = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if bias:
+            bound = 1 / math.sqrt(channels * kernel_size**2)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(circular_pad(x, self.kernel_size // 2), self.weight, self.bias)
+
+    def export(self) -> nn.Module:
+        return CircularConv2d(self.weight, self.bias)
