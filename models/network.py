@@ -32,7 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.blocks import Flatten, FirstChannels, InputCentering, MaxMin, ZeroChannelConcat, ZeroPad
+from models.activations import ACTIVATIONS, create_activation
+from models.blocks import Flatten, FirstChannels, InputCentering, ZeroChannelConcat, ZeroPad
+from models.heads import HEADS, create_head
+from models.pooling import POOLS, create_pool
 from models.registry import layer_class
 
 
@@ -80,6 +83,11 @@ class LipNet(nn.Module):
         mean: per-channel input mean in [0, 1] (default 0.5 each); the std is never divided.
         width, depth: override the size preset.
         layer_options: extra keyword options for every conv of the method.
+        head: ``"linear"`` (the paper's 1x1 conv of the method, default), ``"lln"`` (last-layer
+            normalization) or ``"crc"`` (CRC-Lip MLP); see :mod:`models.heads`.
+        activation: ``"maxmin"`` (default) or ``"hh"`` (Householder, :mod:`models.activations`).
+        pool: None (default) or ``"distance"``: the last block halves its channels with
+            :class:`models.pooling.DistancePool` instead of ``FirstChannels``.
 
     Raises:
         ValueError: unknown method or size, or shapes that do not fit.
@@ -97,9 +105,18 @@ class LipNet(nn.Module):
         width: int | None = None,
         depth: int | None = None,
         layer_options: dict[str, Any] | None = None,
+        head: str = "linear",
+        activation: str = "maxmin",
+        pool: str | None = None,
     ) -> None:
         super().__init__()
         conv = layer_class(method)
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        if pool is not None and pool not in POOLS:
+            raise ValueError(f"unknown pool {pool!r}; choose from None, {', '.join(POOLS)}")
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
         if image_size < 2:
@@ -126,7 +143,7 @@ class LipNet(nn.Module):
         self.config = dict(
             method=conv.method, size=size, in_channels=in_channels, num_classes=num_classes,
             image_size=image_size, mean=[float(v) for v in mean], width=base, depth=depth,
-            layer_options=opts,
+            layer_options=opts, head=head, activation=activation, pool=pool,
         )
         body: list[tuple[str, nn.Module]] = [("center", InputCentering(mean))]
         if padded != image_size:
@@ -137,24 +154,35 @@ class LipNet(nn.Module):
         body += [
             ("concat", ZeroChannelConcat(base)),
             ("stem", conv(base, 1, **edge_opts)),
-            ("stem_act", MaxMin()),
+            ("stem_act", create_activation(activation, base)),
         ]
         for i in range(n_blocks):
             c, pixels = base * 2**i, padded // 2**i
             k = 3 if pixels >= 4 else 1
             layers: list[tuple[str, nn.Module]] = []
             for j in range(depth):
-                layers += [(f"conv{j}", conv(c, k, **opts)), (f"act{j}", MaxMin())]
-            layers += [("first", FirstChannels(c // 2)), ("down", nn.PixelUnshuffle(2))]
+                # FFT methods (Cayley, LOT) export for a fixed size: tell them theirs.
+                sized = {"input_size": pixels} if getattr(conv, "needs_input_size", False) else {}
+                act = create_activation(activation, c)
+                layers += [(f"conv{j}", conv(c, k, **opts, **sized)), (f"act{j}", act)]
+            # Singla & Feizi's distance pool summarizes channel pairs in the final reduction.
+            last = pool is not None and i == n_blocks - 1
+            first = create_pool(pool, c) if last else FirstChannels(c // 2)
+            layers += [("first", first), ("down", nn.PixelUnshuffle(2))]
             body.append((f"block{i}", nn.Sequential(OrderedDict(layers))))
         self.body = nn.Sequential(OrderedDict(body))
-        self.head = nn.Sequential(
-            OrderedDict(
-                conv=conv(head_channels, 1, **edge_opts),
-                first=FirstChannels(num_classes),
-                flatten=Flatten(),
+        if head == "linear":
+            self.head = nn.Sequential(
+                OrderedDict(
+                    conv=conv(head_channels, 1, **edge_opts),
+                    first=FirstChannels(num_classes),
+                    flatten=Flatten(),
+                )
             )
-        )
+        else:  # Singla & Feizi heads (models.heads): LLN or CRC-Lip over the flattened features
+            self.head = nn.Sequential(
+                OrderedDict(head=create_head(head, head_channels, num_classes))
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [0, 1] -> (B, classes)
         return self.head(self.body(x))

@@ -49,15 +49,35 @@ def power_iteration(
     return sigma, u
 
 
+def spectral_norm_upper_bound(w: torch.Tensor) -> torch.Tensor:
+    """A cheap guaranteed upper bound of the spectral norm of the last two dims, ``(..., 1, 1)``.
+
+    ``‖W‖₂² = ‖WᵀW‖₂ <= ‖WᵀW‖_∞`` (largest absolute row sum of the Gram), which is tight when the
+    Gram is diagonally dominant (near-orthogonal ``W``: the case Björck meets after a few training
+    steps); the Frobenius norm is the fallback when that is looser.
+    """
+    gram = w.transpose(-1, -2).conj() @ w
+    row_sum = gram.abs().sum(dim=-1).amax(dim=-1)[..., None, None]
+    fro = torch.linalg.matrix_norm(w, ord="fro", keepdim=True)
+    return torch.minimum(row_sum.sqrt(), fro)
+
+
 def bjorck(w: torch.Tensor, iters: int = 20, beta: float = 0.5, order: int = 1) -> torch.Tensor:
     """Björck–Bowie orthonormalization of the last two dims (Björck & Bowie, 1971).
 
-    Pre-scales by an upper bound of the spectral norm (sqrt of ‖WᵀW‖_1 · ‖WᵀW‖_∞ style bound via
-    the Frobenius norm) so the iteration converges; ``W ← (1+β) W − β W WᵀW`` (order 1).
+    Converges to the orthogonal polar factor of ``W`` when every singular value of the start lies
+    in ``(0, √3)``. We pre-scale by :func:`spectral_norm_upper_bound` (so ``σ_max <= 1``) rather
+    than by the Frobenius norm: for a near-orthogonal ``c × c`` matrix the Frobenius scaling starts
+    every singular value at ``≈ 1/√c`` and wastes most of the iterations growing them back.
+    The scale is detached: the fixed point does not depend on it. Iteration (order 1):
+    ``W ← (1+β) W − β W WᵀW``.
+
+    Raises:
+        ValueError: for ``order != 1``.
     """
     if order != 1:
         raise ValueError(f"only order 1 Björck is implemented, got order={order}")
-    scale = torch.linalg.matrix_norm(w, ord="fro", keepdim=True).clamp_min(1e-12)
+    scale = spectral_norm_upper_bound(w.detach()).clamp_min(1e-12)
     w = w / scale
     for _ in range(iters):
         w = (1 + beta) * w - beta * w @ (w.transpose(-1, -2) @ w)
@@ -89,25 +109,84 @@ def skew(w: torch.Tensor) -> torch.Tensor:
     return w - w.transpose(-1, -2).conj()
 
 
-def circular_conv_spectrum(kernel: torch.Tensor, n: int, m: int | None = None) -> torch.Tensor:
+def _phase(n: int, k: int, like: torch.Tensor, onesided: bool) -> torch.Tensor:
+    """``E[f, s] = exp(2πi·f·(s − k//2)/n)`` for the frequencies ``f`` of an ``n``-point DFT."""
+    freqs = torch.arange(n // 2 + 1 if onesided else n, dtype=torch.float64, device=like.device)
+    shifts = torch.arange(k, dtype=torch.float64, device=like.device) - k // 2
+    angle = 2 * torch.pi * torch.outer(freqs, shifts) / n
+    complex_dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+    return torch.polar(torch.ones_like(angle), angle).to(complex_dtype)
+
+
+def circular_conv_spectrum(
+    kernel: torch.Tensor, n: int, m: int | None = None, *, onesided: bool = False
+) -> torch.Tensor:
     """Per-frequency matrices of a circular convolution on an ``n × m`` image.
 
-    Returns ``(n, m, c_out, c_in)`` complex: the 2-D DFT of the kernel, centred so that the
-    kernel's middle tap acts at zero shift (cross-correlation, as ``F.conv2d`` computes). The
-    singular values of all these matrices together are exactly those of the convolution operator.
+    The convolution is the cross-correlation ``F.conv2d`` computes after circular padding
+    ``k // 2``: ``y[p] = Σ_s K[s] x[p + s − k//2]`` (indices mod the image size), so with the DFT
+    ``X(f) = Σ_p x[p] e^{−2πi f·p/n}`` it acts per frequency as ``Y(f) = K̂(f) X(f)`` with
+    ``K̂(f) = Σ_s K[s] e^{2πi f·(s − k//2)/n}``. Kernels larger than the image are fine: taps
+    whose shifts agree modulo the size add up, as they do in the padded convolution.
+
+    Args:
+        kernel: ``(c_out, c_in, kh, kw)`` real kernel (gradients flow through).
+        n, m: image height and width (``m`` defaults to ``n``).
+        onesided: keep only the frequencies ``0 … m//2`` of the last axis (the ``rfft2`` half;
+            the others are the complex conjugates).
+
+    Returns:
+        ``(n, m or m//2+1, c_out, c_in)`` complex. The singular values of all these matrices
+        together (full grid) are exactly those of the convolution operator.
     """
     m = n if m is None else m
-    c_out, c_in, kh, kw = kernel.shape
-    if kh > n or kw > m:
-        raise ValueError(f"kernel {kh}x{kw} larger than the image {n}x{m}")
-    # Cross-correlation y[p] = Σ_s K[s] x[p + s - centre] is convolution with the flipped kernel.
-    flipped = kernel.flip(-1, -2)
-    padded = flipped.new_zeros(c_out, c_in, n, m)
-    padded[..., :kh, :kw] = flipped
-    padded = padded.roll(shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
-    return torch.fft.fft2(padded).permute(2, 3, 0, 1)  # (n, m, c_out, c_in)
+    _, _, kh, kw = kernel.shape
+    eh = _phase(n, kh, kernel, onesided=False)  # (n, kh)
+    ew = _phase(m, kw, kernel, onesided=onesided)  # (m or m//2+1, kw)
+    k = kernel.to(eh.dtype)
+    return torch.einsum("fs,gt,oist->fgoi", eh, ew, k)
 
 
 def circular_conv_singular_values(kernel: torch.Tensor, n: int, m: int | None = None) -> torch.Tensor:
     """All singular values of the circular convolution on ``n × m`` (exact up to rounding)."""
     return torch.linalg.svdvals(circular_conv_spectrum(kernel, n, m))
+
+
+def spectrum_to_circular_kernel(spectrum: torch.Tensor, n: int) -> torch.Tensor:
+    """The spatial kernel of the circular convolution with one-sided ``spectrum`` on ``n × n``.
+
+    Inverse of :func:`circular_conv_spectrum` (``onesided=True``): returns a real
+    ``(c_out, c_in, k, k)`` kernel, ``k = n`` for odd ``n`` and ``n + 1`` for even ``n`` (odd, so
+    the usual padding ``k // 2`` applies; the shift ``n/2`` has two taps modulo ``n`` and we use
+    the first, leaving the last row and column zero).
+
+    Args:
+        spectrum: ``(n, n//2+1, c_out, c_in)`` complex, conjugate-symmetric (a real operator).
+        n: image size.
+    """
+    if spectrum.shape[:2] != (n, n // 2 + 1):
+        raise ValueError(f"spectrum of shape {tuple(spectrum.shape)} is not one-sided for n={n}")
+    # K̂(f) = Σ_t g[t] e^{2πi f·t/n}  =>  g = irfft2(conj K̂) (real taps at shifts t mod n).
+    g = torch.fft.irfft2(spectrum.conj().permute(2, 3, 0, 1), s=(n, n))  # (c_out, c_in, n, n)
+    k = n if n % 2 else n + 1
+    kernel = g.new_zeros(*g.shape[:2], k, k)
+    # Tap s of the padded convolution acts at shift s − k//2, i.e. g[(s − k//2) mod n].
+    idx = (torch.arange(n, device=g.device) - k // 2) % n
+    kernel[..., :n, :n] = g[..., idx, :][..., idx]
+    return kernel
+
+
+def apply_spectrum(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The circular convolution with one-sided spectrum ``q``: ``irfft2(Q(f) · rfft2(x)(f))``.
+
+    Args:
+        x: ``(B, c_in, n, m)`` real.
+        q: ``(n, m//2 + 1, c_out, c_in)`` complex (e.g. ``circular_conv_spectrum(..., onesided=True)``).
+
+    Returns:
+        ``(B, c_out, n, m)`` real.
+    """
+    n, m = x.shape[-2:]
+    xf = torch.fft.rfft2(x)  # (B, c_in, n, m//2+1)
+    yf = torch.einsum("hwoi,bihw->bohw", q, xf)
+    return torch.fft.irfft2(yf, s=(n, m))

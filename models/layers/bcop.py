@@ -1,0 +1,114 @@
+"""BCOP: Block Convolution Orthogonal Parametrization.
+
+Li, Wang, Anil, Lucas, Grosse & Jacobsen, "Preventing Gradient Attenuation in Lipschitz
+Constrained Convolutional Networks", NeurIPS 2019, arXiv:1911.00937.
+
+Guarantee: orthogonal (all singular values 1) under circular padding, for every input size, up to
+the Björck–Bowie approximation (20 iterations, β = 0.5, from a pre-scaling that bounds the
+spectral norm by 1; converged to float precision for well-conditioned matrices).
+Construction: ``2k − 1`` unconstrained ``c × c`` matrices are orthonormalized; the first is an
+orthogonal matrix ``H``, the other ``2(k − 1)`` give symmetric projectors ``P = MMᵀ`` of rank
+``⌊c/2⌋`` (M: the first half of the orthogonal columns). Each pair ``(P, R)`` is the 2×2 kernel
+``[[PR, P(I−R)], [(I−P)R, (I−P)(I−R)]]`` (polynomial ``(P + (I−P)z₁)(R + (I−R)z₂)``, unitary on
+the unit circle); ``k − 1`` of them are combined by matrix convolution and multiplied by ``H``.
+``kernel_size=1`` is just ``H`` (the paper's orthogonal linear layer).
+Padding: circular, ``k // 2``.
+Inference: one plain circular convolution with the kernel computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers.base import LipschitzConv2d
+from models.ops import bjorck
+from models.plain import CircularConv2d, circular_pad
+from models.registry import register_method
+
+
+def block_orthogonal_kernel(ortho: torch.Tensor, projectors: torch.Tensor) -> torch.Tensor:
+    """The ``k × k`` orthogonal kernel from an orthogonal matrix and ``2(k−1)`` projectors.
+
+    Args:
+        ortho: ``(c, c)`` orthogonal matrix.
+        projectors: ``(2(k−1), c, c)`` symmetric projectors.
+
+    Returns:
+        ``(c, c, k, k)`` kernel (``F.conv2d`` layout) of an orthogonal circular convolution.
+    """
+    c = ortho.shape[-1]
+    eye = torch.eye(c, dtype=ortho.dtype, device=ortho.device)
+    kernel = ortho[None, None]  # (1, 1, c, c): spatial dims first while we build it
+    for p, r in zip(projectors[0::2], projectors[1::2], strict=True):
+        step = torch.stack(
+            [torch.stack([p @ r, p @ (eye - r)]), torch.stack([(eye - p) @ r, (eye - p) @ (eye - r)])]
+        )  # (2, 2, c, c)
+        kernel = _matrix_conv(kernel, step)
+    return kernel.permute(2, 3, 0, 1)
+
+
+def _matrix_conv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Full 2-D convolution of matrix-valued kernels: ``out[i, j] = Σ a[s, t] @ b[i−s, j−t]``."""
+    ka, kb = a.shape[0], b.shape[0]
+    k = ka + kb - 1
+    out = a.new_zeros(k, k, a.shape[-2], b.shape[-1])
+    for s in range(ka):
+        for t in range(ka):
+            # Broadcast one tap of a over all taps of b (a (kb, kb) block of the output).
+            out = out + F.pad(a[s, t] @ b, (0, 0, 0, 0, t, k - kb - t, s, k - kb - s))
+    return out
+
+
+@register_method("bcop")
+class BCOPConv2d(LipschitzConv2d):
+    """BCOP orthogonal convolution with circular padding.
+
+    Args:
+        channels: input = output channels.
+        kernel_size: odd kernel size.
+        bias: learned bias.
+        bjorck_iters: Björck–Bowie iterations (the paper: 20).
+    """
+
+    padding = "circular"
+    lipschitz = True
+    orthogonal = True
+
+    def __init__(
+        self, channels: int, kernel_size: int = 3, *, bias: bool = True, bjorck_iters: int = 20
+    ) -> None:
+        super().__init__(channels, kernel_size, bias=bias)
+        self.bjorck_iters = bjorck_iters
+        n_mats = 2 * (kernel_size - 1) + 1
+        # Orthogonal init with gain 1/√c, as the reference implementation (LConvNet).
+        mats = torch.empty(n_mats, channels, channels)
+        for m in mats:
+            nn.init.orthogonal_(m, gain=1 / math.sqrt(channels))
+        self.matrices = nn.Parameter(mats)
+        self.register_buffer("rank_mask", (torch.arange(channels) < channels // 2).float(), False)
+        self.bias = None
+        if bias:
+            bound = 1 / math.sqrt(channels)
+            self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+
+    def orthogonal_kernel(self, matrices: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``(c, c, k, k)`` orthogonal kernel (recomputed: gradients flow)."""
+        ortho = bjorck(self.matrices if matrices is None else matrices, iters=self.bjorck_iters)
+        half = ortho[1:] * self.rank_mask.to(ortho.dtype)  # keep ⌊c/2⌋ columns
+        projectors = half @ half.transpose(-1, -2)
+        return block_orthogonal_kernel(ortho[0], projectors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.cached("weight", self.orthogonal_kernel)
+        return F.conv2d(circular_pad(x, self.kernel_size // 2), w, self.bias)
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        return CircularConv2d(self.orthogonal_kernel(self.matrices.double()), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bjorck_iters={self.bjorck_iters}"

@@ -1,0 +1,198 @@
+"""SOC: Skew Orthogonal Convolutions.
+
+Singla & Feizi, "Skew Orthogonal Convolutions", ICML 2021, arXiv:2105.11417.
+
+The kernel ``L = ½(W − flip(Wᵀ))`` (``W`` transposed over its channel dims and flipped spatially)
+makes the zero-padded convolution with ``L`` exactly skew-symmetric as a matrix, on every map
+size, so ``exp(L)`` is orthogonal. ``L`` is rescaled to ``correction · L / bound`` and the layer is
+the truncated exponential ``y = Σ_{i=0}^{T} Lⁱx / i! + b`` (Horner form), ``T = train_terms`` (6) in
+training and ``eval_terms`` (12) at evaluation and export.
+
+The bound (``bound="sound"``, the default) is an upper bound of ``‖conv(L)‖₂`` for every map size:
+the minimum of Singla & Feizi's "Fantastic Four" bound ``√(hw) · min_i ‖R_i‖₂`` over the four
+reshapes ``R_i`` of the kernel (ICLR 2021, arXiv:2012.01580) and the Gershgorin bound
+``√(max_a Σ_b Σ_shifts |LᵀL|_ab)`` on the Gram kernel. So ``‖L‖₂ ≤ 0.7`` (``k > 1``; ``1.0`` for
+``k = 1``, where the bound is exact) and the truncation error at 12 terms is below
+``0.7¹³/13! · e^0.7 < 1e-11``: all singular values of the exported layer are 1 to float rounding.
+
+Departure from the paper: its code divides by ``min_i ‖R_i‖₂`` *without* the ``√(hw)`` factor,
+which is not an upper bound (we measured ``‖L‖ ≈ 2 · min_i ‖R_i‖`` for random 3×3 kernels): its
+effective ``‖L‖`` is up to ``0.7 · k``. ``bound="paper"`` reproduces that scaling (then only
+``‖L‖ ≤ 0.7·k = 2.1`` holds, and 12 terms still give an error below 3e-6).
+Approximation: in training the ``‖R_i‖₂`` are power-iteration estimates (one step per forward on
+persistent vectors, as in the paper's code); evaluation and export use their exact values (SVD
+in float64 of the small reshaped matrices), so the guarantee above is for eval / export.
+Padding: zero. Init: ``W ~ N(0, 1/c)``, bias uniform in ``±1/√c`` (as the paper's code).
+Inference: :class:`models.plain.ConvExponential` with the scaled kernel and ``eval_terms``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers.base import LipschitzConv2d
+from models.ops import kernel_gram, power_iteration
+from models.plain import ConvExponential
+from models.registry import register_method
+
+BOUNDS = ("sound", "paper")
+
+
+def skew_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """``½(W − flip(Wᵀ))``: the zero-padded conv with it is a skew-symmetric matrix.
+
+    The adjoint of a zero-padded cross-correlation with ``W`` is the one with ``W`` transposed
+    over channels and flipped spatially, so subtracting it makes the operator skew.
+    """
+    return 0.5 * (weight - weight.transpose(0, 1).flip(-2, -1))
+
+
+def reshaped_matrices(kernel: torch.Tensor) -> list[torch.Tensor]:
+    """The four reshapes ``R_1 … R_4`` of a ``(c_out, c_in, h, w)`` kernel (Fantastic Four).
+
+    ``R_1``: ``(c_out·h) × (c_in·w)``; ``R_2``: ``(c_out·w) × (c_in·h)``; ``R_3``:
+    ``c_out × (c_in·h·w)``; ``R_4``: ``(c_out·h·w) × c_in``. Each satisfies
+    ``‖conv‖₂ ≤ √(hw) · ‖R_i‖₂`` for any padding-free or zero-padded map size.
+    """
+    c_out, c_in, h, w = kernel.shape
+    return [
+        kernel.permute(0, 2, 1, 3).reshape(c_out * h, c_in * w),
+        kernel.permute(0, 3, 1, 2).reshape(c_out * w, c_in * h),
+        kernel.reshape(c_out, c_in * h * w),
+        kernel.permute(0, 2, 3, 1).reshape(c_out * h * w, c_in),
+    ]
+
+
+def gershgorin_bound(kernel: torch.Tensor) -> torch.Tensor:
+    """``√(max_a Σ_b Σ_shifts |KᵀK|_ab)``: an upper bound of ``‖conv(K)‖₂`` for any zero padding."""
+    return kernel_gram(kernel).abs().sum(dim=(1, 2, 3)).max().sqrt()
+
+
+def spectral_bound(kernel: torch.Tensor, bound: str = "sound") -> torch.Tensor:
+    """The scaling denominator of SOC, from exact norms of the reshaped matrices.
+
+    Args:
+        kernel: ``(c, c, k, k)`` kernel.
+        bound: ``"sound"`` (an upper bound of the operator norm) or ``"paper"`` (``min ‖R_i‖₂``).
+
+    Returns:
+        A scalar tensor (differentiable).
+
+    Raises:
+        ValueError: unknown ``bound``.
+    """
+    norms = torch.stack([torch.linalg.matrix_norm(r, ord=2) for r in reshaped_matrices(kernel)])
+    return _combine(kernel, norms, bound)
+
+
+def _combine(kernel: torch.Tensor, norms: torch.Tensor, bound: str) -> torch.Tensor:
+    if bound == "paper":
+        return norms.min()
+    if bound == "sound":
+        h, w = kernel.shape[-2:]
+        return torch.minimum(math.sqrt(h * w) * norms.min(), gershgorin_bound(kernel))
+    raise ValueError(f"unknown bound {bound!r}; choose from {', '.join(BOUNDS)}")
+
+
+@register_method("soc")
+class SOCConv2d(LipschitzConv2d):
+    """Skew orthogonal convolution (truncated convolution exponential), zero padding.
+
+    Args:
+        channels: input = output channels.
+        kernel_size: odd kernel size.
+        bias: learned bias added after the exponential.
+        train_terms: Taylor terms in training (the paper: 5-6).
+        eval_terms: Taylor terms at evaluation and export (the paper: 12-15).
+        correction: target norm of ``L``; default 0.7 for ``k > 1`` and 1.0 for ``k = 1``.
+        bound: ``"sound"`` (default) or ``"paper"``, see the module docstring.
+        init_iters: power-iteration steps that initialize the persistent vectors.
+
+    Raises:
+        ValueError: a bad value among the above.
+    """
+
+    padding = "zero"
+    lipschitz = True
+    orthogonal = True
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        *,
+        bias: bool = True,
+        train_terms: int = 6,
+        eval_terms: int = 12,
+        correction: float | None = None,
+        bound: str = "sound",
+        init_iters: int = 50,
+    ) -> None:
+        super().__init__(channels, kernel_size, bias=bias)
+        for name, value in (("train_terms", train_terms), ("eval_terms", eval_terms)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if bound not in BOUNDS:
+            raise ValueError(f"unknown bound {bound!r}; choose from {', '.join(BOUNDS)}")
+        correction = (0.7 if kernel_size > 1 else 1.0) if correction is None else correction
+        if not 0 < correction <= 1:
+            raise ValueError(f"correction must be in (0, 1], got {correction!r}")
+        self.train_terms, self.eval_terms = train_terms, eval_terms
+        self.correction, self.bound = float(correction), bound
+        self.weight = nn.Parameter(torch.randn(channels, channels, kernel_size, kernel_size))
+        self.weight.data /= math.sqrt(channels)
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        if bias:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(channels), 1 / math.sqrt(channels))
+        # One persistent right singular vector per reshaped matrix (training estimates only).
+        with torch.no_grad():
+            for i, r in enumerate(reshaped_matrices(skew_kernel(self.weight))):
+                v = torch.randn(r.shape[1])
+                _, v = power_iteration(lambda t, r=r: r @ t, lambda t, r=r: r.T @ t, v, init_iters)
+                self.register_buffer(f"v{i}", v)
+
+    def _vectors(self) -> list[torch.Tensor]:
+        return [getattr(self, f"v{i}") for i in range(4)]
+
+    def train_kernel(self) -> torch.Tensor:
+        """Scaled ``L`` with power-iteration norm estimates (one step; vectors updated)."""
+        skew = skew_kernel(self.weight)
+        norms = []
+        for r, buf in zip(reshaped_matrices(skew), self._vectors(), strict=True):
+            with torch.no_grad():
+                _, v = power_iteration(lambda t, r=r: r @ t, lambda t, r=r: r.T @ t, buf, 1)
+                buf.copy_(v)
+            norms.append((r @ v).norm())  # the fresh v: autograd saves it, the buffer changes
+        return self.correction * skew / _combine(skew, torch.stack(norms), self.bound)
+
+    def eval_kernel(self) -> torch.Tensor:
+        """Scaled ``L`` with exact norms, computed in float64 (eval forward and export)."""
+        skew = skew_kernel(self.weight.double())
+        return (self.correction * skew / spectral_bound(skew, self.bound)).to(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        if self.training:
+            kernel, terms = self.train_kernel(), self.train_terms
+        else:
+            kernel, terms = self.cached("kernel", self.eval_kernel), self.eval_terms
+        p = self.kernel_size // 2
+        z = x
+        for i in range(terms, 0, -1):  # Horner: z ← x + Lz / i
+            z = x + F.conv2d(z, kernel, padding=p) / i
+        if self.bias is not None:
+            z = z + self.bias.view(1, -1, 1, 1)
+        return z
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        return ConvExponential(self.eval_kernel(), self.eval_terms, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", train_terms={self.train_terms}, eval_terms={self.eval_terms}, "
+            f"correction={self.correction:g}, bound={self.bound}"
+        )

@@ -1,0 +1,128 @@
+"""1-Lipschitz pooling by the signed distance to a convex cone ("LipPool").
+
+Singla & Feizi, "Improved techniques for deterministic l2 robustness", NeurIPS 2022,
+arXiv:2211.08453 (the l2 distance of an input to a set is 1-Lipschitz).
+
+Guarantee: exactly 1-Lipschitz, gradient norm preserving (each output has a unit-norm gradient
+almost everywhere). Channels are paired as in :class:`models.blocks.MaxMin` (``j`` with
+``j + c/2``) and each pair ``p = (x, y)`` becomes one number, the *signed* distance from ``p`` to
+the cone ``K_θ = {angle(p) ∈ [−θ/2, θ/2]}`` (``θ ∈ [0, π]`` learnable per pair, so ``K_θ`` is
+convex); signed distances to a convex set are 1-Lipschitz. With ``a = θ/2``,
+``n₁ = (−sin a, cos a)``, ``n₂ = (−sin a, −cos a)`` (outer normals of the two edges) and
+``u₁ = (cos a, sin a)``, ``u₂ = (cos a, −sin a)`` (the edges)::
+
+    d(p) = ‖p‖                     if ⟨p, u₁⟩ <= 0 and ⟨p, u₂⟩ <= 0   (nearest point: the apex)
+    d(p) = max(⟨p, n₁⟩, ⟨p, n₂⟩)   otherwise                           (an edge, or inside)
+
+This is the paper's LipPool (its three angular regions) written without ``atan2`` so it exports
+to ONNX with elementwise ops. In lipcert it replaces the channel halving ``FirstChannels(c/2)`` of
+the *last* block (``LipNet(pool="distance")``), the final reduction to the 1×1 head input: the
+halving keeps half of the channels, the pool summarizes every pair. Departure from the paper:
+the paper pools at every down-sampling; the angle is clamped to ``[0, π]`` in both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _safe_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``√(x² + y²)`` with a zero (not NaN) gradient at the origin, exact elsewhere."""
+    sq = x * x + y * y
+    pos = sq > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+
+
+def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) -> torch.Tensor:
+    x, y = z.chunk(2, dim=1)  # (B, c/2, ...)
+    t1 = x * cos_a + y * sin_a
+    t2 = x * cos_a - y * sin_a
+    edge = torch.maximum(y * cos_a - x * sin_a, -(y * cos_a) - x * sin_a)
+    apex = (t1 <= 0) & (t2 <= 0)
+    return torch.where(apex, _safe_norm(x, y), edge)
+
+
+class DistancePool(nn.Module):
+    """Signed distance of each channel pair to a learnable cone: ``c`` → ``c/2`` channels.
+
+    Args:
+        channels: even input channel count.
+        theta: initial opening angle in ``[0, π]`` (default ``π/2``).
+
+    Raises:
+        ValueError: odd channels or ``theta`` outside ``[0, π]``.
+    """
+
+    def __init__(self, channels: int, theta: float = math.pi / 2) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels < 2 or channels % 2:
+            raise ValueError(f"DistancePool needs an even channel count >= 2, got {channels!r}")
+        if not 0 <= theta <= math.pi:
+            raise ValueError(f"theta must be in [0, pi], got {theta!r}")
+        self.channels = channels
+        self.theta = nn.Parameter(torch.full((1, channels // 2, 1, 1), float(theta)))
+
+    def half_angle(self) -> torch.Tensor:
+        return 0.5 * self.theta.clamp(0.0, math.pi)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C/2, H, W)
+        if z.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {z.shape[1]}")
+        a = self.half_angle()
+        return _cone_distance(z, torch.cos(a), torch.sin(a))
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        a = self.half_angle().double()
+        return PlainDistancePool(torch.cos(a), torch.sin(a))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}"
+
+
+class PlainDistancePool(nn.Module):
+    """Inference form of :class:`DistancePool`: ``cos(θ/2)``, ``sin(θ/2)`` as float32 buffers."""
+
+    def __init__(self, cos_a: torch.Tensor, sin_a: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("cos_a", cos_a.detach().float().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("sin_a", sin_a.detach().float().reshape(1, -1, 1, 1).clone())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return _cone_distance(z, self.cos_a, self.sin_a)
+
+    @torch.no_grad()
+    def lipschitz_upper_bound(self) -> float:
+        """Proven bound for the stored normals: ``max(1, max √(cos² + sin²))``, rounded up.
+
+        Each piece is linear with gradient ``n₁`` or ``n₂`` (norm ``√(cos² + sin²)``) or is the
+        Euclidean norm (1-Lipschitz), and the pieces meet continuously (exactly so in real
+        arithmetic for the stored values up to the ``1 ± 1e-7`` norm of the rounded pair; float32
+        evaluation at the seams is covered, like every layer's rounding, by the radius slack).
+        Pairs are independent coordinates, so the layer's bound is the largest pair bound.
+        """
+        norm = (self.cos_a.double() ** 2 + self.sin_a.double() ** 2).sqrt().max().item()
+        return max(1.0, norm) * (1 + 1e-12)
+
+    def extra_repr(self) -> str:
+        return f"{2 * self.cos_a.shape[1]} -> {self.cos_a.shape[1]}"
+
+
+POOLS = ("distance",)
+
+
+def create_pool(name: str, channels: int) -> nn.Module:
+    """``"distance"`` → :class:`DistancePool`.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == "distance":
+        return DistancePool(channels)
+    raise ValueError(f"unknown pool {name!r}; choose from None, {', '.join(POOLS)}")
+
+
+__all__ = ["POOLS", "DistancePool", "PlainDistancePool", "create_pool"]

@@ -1,0 +1,348 @@
+"""The lipcert BentoML service: predictions with certified L2 radii from 1-Lipschitz ONNX models.
+
+Run from the repository root with ``bentoml serve`` (``bentofile.yaml`` names
+``service.service:LipCert``). Endpoints (all POST, JSON out; OpenAPI at ``/docs.json``):
+
+- ``/predict``: multipart ``image`` file (+ optional ``model``) → one :class:`Prediction`.
+- ``/predict_tensor``: JSON ``images`` N×C×H×W in [0, 1] (+ optional ``model``) → one
+  :class:`Prediction` per image; adaptively batched across concurrent requests.
+- ``/certify``: ``image`` file or ``images`` tensor, ``eps``, optional ``models`` → is each
+  prediction certified at ``eps`` (model-input units) by each model.
+- ``/models``: every served model with its audit, accuracy, size, latency and memory; also the
+  refused ones and why.
+
+Configuration (environment): ``LIPCERT_MODELS`` (a folder of ONNX files instead of the model
+store), ``LIPCERT_MAX_UPLOAD_BYTES`` (8 MiB), ``LIPCERT_MAX_PIXELS`` (2²²),
+``LIPCERT_MAX_REQUEST_BYTES`` (32 MiB), ``LIPCERT_BOUND_TOLERANCE`` (0.01),
+``LIPCERT_PROVIDERS``, ``LIPCERT_ORT_THREADS``, ``LIPCERT_PROFILE_RUNS`` (see ``service.loader``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from pydantic import Field
+
+from service.errors import InvalidArgument, NotFound, UnprocessableEntity
+from service.images import ImageLimits, decode_image, to_model_input
+from service.loader import (
+    LoadOptions,
+    ModelRefused,
+    Refusal,
+    ServedModel,
+    discover,
+    load_all,
+)
+from service.metrics import get_metrics
+from service.middleware import ErrorShapeMiddleware, RequestSizeLimitMiddleware
+from service.schemas import (
+    Certification,
+    CertifyResponse,
+    LatencyStats,
+    ModelInfo,
+    ModelsResponse,
+    Prediction,
+    Refused,
+    TensorItem,
+    TensorRequest,
+    tensor_array,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Adaptive batching of /predict_tensor: images per batch, and the latency bound (ms) the
+#: dispatcher plans against. 64 images of the small CPU models run in a few ms; the generous
+#: bound keeps the dispatcher from shedding load (it answers 503 when it predicts a miss).
+MAX_BATCH_SIZE = 64
+MAX_LATENCY_MS = 1000
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+class _Outcome:
+    """Labels of the request being served, filled in once its model is known."""
+
+    def __init__(self) -> None:
+        self.method = "none"
+        self.model = "none"
+
+    def set(self, model: ServedModel) -> None:
+        self.method, self.model = model.method, model.name
+
+
+@bentoml.service(
+    name="lipcert",
+    traffic={"timeout": 60},
+    # ONNX Runtime releases the GIL: a few threads overlap requests on a multi-core machine.
+    threads=4,
+)
+class LipCert:
+    """Serves every verified lipcert model (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.limits = ImageLimits(
+            max_bytes=_env_int("LIPCERT_MAX_UPLOAD_BYTES", ImageLimits.max_bytes),
+            max_pixels=_env_int("LIPCERT_MAX_PIXELS", ImageLimits.max_pixels),
+        )
+        options = LoadOptions.from_env(profile_batch=MAX_BATCH_SIZE)
+        try:
+            sources = discover()
+        except ModelRefused as exc:
+            logger.error("lipcert: %s", exc)
+            sources = []
+        self.served, refused = load_all(sources, options)
+        self.refused: list[Refusal] = refused
+        self.by_name = {m.name: m for m in self.served}
+        self.default = max(self.served, key=_rank, default=None)
+        if self.default is None:
+            logger.error("lipcert: no servable model (%d refused); /readyz stays 503",
+                         len(refused))
+        self.metrics = get_metrics()
+        for model in self.served:
+            self.metrics.memory.labels(model.method, model.name).set(model.memory_bytes)
+
+    def __is_ready__(self) -> bool:
+        """Ready only with at least one servable model."""
+        return bool(self.served)
+
+    # ------------------------------------------------------------------ helpers
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model called ``name`` (or the best one of that method); the default for None.
+
+        Raises:
+            ServiceUnavailable: no model is served (503).
+            NotFound: no model of that name or method (404).
+        """
+        if not self.served:
+            raise ServiceUnavailable("no model is being served; see the server log")
+        if name is None or name == "":
+            return self.default
+        if name in self.by_name:
+            return self.by_name[name]
+        same_method = [m for m in self.served if m.method == name.lower()]
+        if same_method:
+            return max(same_method, key=_rank)
+        raise NotFound(f"unknown model {name!r}; choose from {', '.join(sorted(self.by_name))}")
+
+    @contextlib.contextmanager
+    def _counted(self, endpoint: str) -> Iterator[_Outcome]:
+        """Count the request under ``outcome`` ok / rejected (4xx) / error (anything else)."""
+        labels = _Outcome()
+        outcome = "error"
+        try:
+            yield labels
+            outcome = "ok"
+        except BentoMLException as exc:
+            outcome = "rejected" if 400 <= int(exc.error_code) < 500 else "error"
+            raise
+        finally:
+            self.metrics.requests.labels(labels.method, labels.model, endpoint, outcome).inc()
+
+    def _infer(self, model: ServedModel, batch: np.ndarray, endpoint: str
+               ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Logits, radii and milliseconds of one session run; metrics observed."""
+        start = time.perf_counter()
+        logits = model.run(batch)
+        seconds = time.perf_counter() - start
+        radii = model.radii(logits)
+        self.metrics.latency.labels(model.method, model.name, endpoint).observe(seconds)
+        hist = self.metrics.radius.labels(model.method, model.name)
+        for r in radii:
+            hist.observe(float(r))
+        return logits, radii, seconds * 1e3
+
+    def _read_upload(self, image: Path) -> Any:
+        size = image.stat().st_size
+        if size > self.limits.max_bytes:
+            from service.errors import PayloadTooLarge
+
+            raise PayloadTooLarge(
+                f"the image upload has {size} bytes; the limit is {self.limits.max_bytes}")
+        return decode_image(image.read_bytes(), self.limits)
+
+    def tensor_items(self, images: Any, model: str | None) -> list[TensorItem]:
+        """Validate a ``/predict_tensor`` body and split it into batching items.
+
+        Called by :class:`TensorRequest`'s validator, before batching, so errors are per
+        request. Raises the typed 4xx errors of :func:`tensor_array` and :meth:`resolve`.
+        """
+        labels = _Outcome()
+        try:
+            served = self.resolve(model)
+            labels.set(served)
+            batch = tensor_array(images, served.input_shape, MAX_BATCH_SIZE)
+        except BentoMLException:
+            # accepted requests are counted after inference, rejected ones here
+            self.metrics.requests.labels(labels.method, labels.model, "predict_tensor",
+                                         "rejected").inc()
+            raise
+        return [TensorItem(model=served.name, image=x, first=(i == 0))
+                for i, x in enumerate(batch)]
+
+    # ------------------------------------------------------------------ API
+
+    @bentoml.api(route="/predict")
+    def predict(self, image: Path, model: str | None = None) -> Prediction:
+        """Classify one uploaded image (png, jpeg, bmp, gif, tiff, webp, ppm) and certify it.
+
+        The upload is mapped to the model's input (channel averaging or copying, area
+        downsampling by an integer factor, else bilinear resizing); ``certified_radius`` is in
+        the model input's [0, 1] pixels and ``certified_radius_uploaded`` in the upload's.
+        """
+        with self._counted("predict") as labels:
+            served = self.resolve(model)
+            labels.set(served)
+            pre = to_model_input(self._read_upload(image), served.input_shape)
+            logits, radii, ms = self._infer(served, pre.array[None], "predict")
+            return _prediction(served, logits[0], float(radii[0]), pre.norm, ms,
+                               list(pre.steps))
+
+    @bentoml.api(
+        route="/predict_tensor",
+        input_spec=TensorRequest,
+        batchable=True,
+        max_batch_size=MAX_BATCH_SIZE,
+        max_latency_ms=MAX_LATENCY_MS,
+    )
+    def predict_tensor(self, images: list[TensorItem]) -> list[Prediction]:
+        """Classify and certify N×C×H×W images in [0, 1] (adaptively batched, ≤ 64 per request).
+
+        Concurrent requests are merged into batches of up to 64 images and one session run per
+        model; ``inference_ms`` is that shared run's time.
+        """
+        out: list[Prediction | None] = [None] * len(images)
+        by_model: dict[str, list[int]] = {}
+        for i, item in enumerate(images):
+            by_model.setdefault(item.model, []).append(i)
+        for name, idx in by_model.items():
+            served = self.by_name[name]
+            try:
+                batch = np.stack([images[i].image for i in idx])
+                logits, radii, ms = self._infer(served, batch, "predict_tensor")
+            except Exception:
+                self._count_items(images, idx, served, "error")
+                raise
+            for k, i in enumerate(idx):
+                out[i] = _prediction(served, logits[k], float(radii[k]), 1.0, ms, [])
+            self._count_items(images, idx, served, "ok")
+        return out  # type: ignore[return-value]
+
+    def _count_items(self, items: list[TensorItem], idx: list[int], served: ServedModel,
+                     outcome: str) -> None:
+        # one count per request: each request's first image carries the flag
+        n = sum(1 for i in idx if items[i].first)
+        self.metrics.requests.labels(served.method, served.name, "predict_tensor",
+                                     outcome).inc(n)
+
+    @bentoml.api(route="/certify")
+    def certify(
+        self,
+        eps: float,
+        # a list, not Optional[Path]: BentoML 1.4.39 cannot build a file field from a union
+        image: list[Path] = Field(default_factory=list),
+        images: list[Any] | None = None,
+        models: list[str] | str | None = None,
+    ) -> CertifyResponse:
+        """Is each prediction certified at L2 radius ``eps`` (model-input [0, 1] pixels)?
+
+        Give either ``image`` (one or more uploaded files) or ``images`` (N×C×H×W in [0, 1]);
+        ``models`` is a list of model names or methods (default: every served model).
+        """
+        with self._counted("certify") as labels:
+            if not np.isfinite(eps) or eps < 0:
+                raise UnprocessableEntity(f"eps must be a finite number >= 0, got {eps}")
+            if bool(image) == (images is not None):
+                raise InvalidArgument(
+                    "give exactly one of 'image' (one or more files) or 'images' (a tensor)")
+            if isinstance(models, str):
+                models = [m.strip() for m in models.split(",") if m.strip()]
+            chosen = [self.resolve(m) for m in models] if models else list(self.served)
+            if not chosen:
+                raise ServiceUnavailable("no model is being served; see the server log")
+            if len(chosen) == 1:
+                labels.set(chosen[0])
+            if len(image) > MAX_BATCH_SIZE:
+                raise UnprocessableEntity(f"at most {MAX_BATCH_SIZE} images per request")
+            decoded = [self._read_upload(path) for path in image]
+            results: list[Certification] = []
+            for served in chosen:
+                if decoded:
+                    pres = [to_model_input(d, served.input_shape) for d in decoded]
+                    batch = np.stack([p.array for p in pres])
+                    norms = [p.norm for p in pres]
+                else:
+                    batch = tensor_array(images, served.input_shape, MAX_BATCH_SIZE)
+                    norms = [1.0] * len(batch)
+                logits, radii, _ = self._infer(served, batch, "certify")
+                for i, (z, r, norm) in enumerate(zip(logits, radii, norms, strict=True)):
+                    label = int(np.argmax(z))
+                    results.append(Certification(
+                        model=served.name, method=served.method, index=i, label=label,
+                        class_name=served.classes[label], certified_radius=float(r),
+                        certified_radius_uploaded=None if norm is None else float(r) / norm,
+                        certified=bool(r > eps),
+                    ))
+            return CertifyResponse(eps=eps, results=results)
+
+    @bentoml.api(route="/models")
+    def models(self) -> ModelsResponse:
+        """Every served model (method, size, data, accuracy, audited bound, latency, memory)."""
+        import psutil
+
+        with self._counted("models"):
+            return ModelsResponse(
+                models=[_model_info(m, m is self.default) for m in self.served],
+                default_model=None if self.default is None else self.default.name,
+                refused=[Refused(source=r.source, reason=r.reason) for r in self.refused],
+                process_rss_bytes=int(psutil.Process().memory_info().rss),
+            )
+
+
+LipCert.add_asgi_middleware(ErrorShapeMiddleware)
+LipCert.add_asgi_middleware(RequestSizeLimitMiddleware)
+
+
+def _rank(model: ServedModel) -> tuple[float, float, str]:
+    """Default-model order: certified accuracy at 36/255, then clean accuracy."""
+    cra = model.cra()
+    return (-1.0 if cra is None else cra,
+            -1.0 if model.clean_accuracy is None else model.clean_accuracy, model.name)
+
+
+def _prediction(served: ServedModel, logits: np.ndarray, radius: float, norm: float | None,
+                ms: float, steps: list[str]) -> Prediction:
+    label = int(np.argmax(logits))
+    others = np.delete(logits, label)
+    return Prediction(
+        model=served.name, method=served.method, label=label,
+        class_name=served.classes[label], scores=[float(v) for v in logits],
+        margin=float(logits[label] - others.max()), certified_radius=radius,
+        certified_radius_uploaded=None if norm is None else radius / norm,
+        lipschitz_bound=served.lipschitz_bound, certificate=served.certificate,
+        inference_ms=ms, preprocessing=steps,
+    )
+
+
+def _model_info(m: ServedModel, default: bool) -> ModelInfo:
+    return ModelInfo(
+        name=m.name, tag=m.tag, method=m.method, size=m.size, dataset=m.dataset,
+        classes=m.classes, input_shape=list(m.input_shape), parameters=m.parameters,
+        clean_accuracy=m.clean_accuracy, certified_accuracy=m.certified_accuracy,
+        lipschitz_bound=m.audited_bound, lipschitz_bound_body=m.body_bound,
+        lipschitz_bound_head=m.head_bound, certificate=m.certificate, onnx_bytes=m.onnx_bytes,
+        provider=m.provider, latency={k: LatencyStats(**v) for k, v in m.latency_ms.items()},
+        session_memory_bytes=m.memory_bytes, default=default,
+    )

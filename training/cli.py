@@ -1,0 +1,236 @@
+"""Command line of ``python -m training`` (mapped onto :class:`training.config.TrainConfig`).
+
+Examples::
+
+    python -m training --method aol --size xs --dataset fashion-mnist --budget 5m
+    python -m training --method all --size xxs --dataset digits --budget 30s     # a sweep
+    python -m training --resume runs/fashion-mnist/aol-xs-20250101-120000 --budget 10m
+    torchrun --nproc_per_node 2 -m training --method aol --dataset cifar10 --data-dir data --epochs 10
+
+Bad arguments print one line naming the allowed values and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from training.config import TrainConfig, parse_duration, parse_methods
+
+PROG = "python -m training"
+#: Defaults of options the CLI fills in (``None`` in the parser, so --resume sees what was given).
+DEFAULTS: dict[str, Any] = dict(size="xs", dataset="fashion-mnist", budget="5m", batch_size=256,
+                                eps_train=36 / 255, temperature=0.25, seed=0, device="auto",
+                                out="runs", checkpoint_every="1m")
+
+
+class UsageError(Exception):
+    """A bad command-line value (reported on one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models import list_sizes
+    from training.data import DATASETS
+
+    p = _Parser(prog=PROG, description="Train, evaluate, export and store 1-Lipschitz classifiers.")
+    p.add_argument("--method", help="method, comma list, or 'all' (a sweep)")
+    p.add_argument("--size", help=f"one of {', '.join(list_sizes())} (default xs)")
+    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default fashion-mnist)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--budget", help="wall-clock training budget per run: 90s, 5m, 1h (default 5m)")
+    when.add_argument("--epochs", type=int, help="train for N epochs instead of a budget")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 256)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: per method)")
+    p.add_argument("--eps-train", type=float, help="ε of the loss offset, [0,1] units (default 36/255)")
+    p.add_argument("--temperature", type=float, help="loss temperature T (default 0.25)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--eval-every", help="evaluate every N epochs (N) or training time (30s, 2m)")
+    p.add_argument("--checkpoint-every", help="checkpoint interval in training time (default 1m)")
+    p.add_argument("--out", help="parent folder of the runs (default runs/)")
+    p.add_argument("--data-dir", help="dataset folder (see docs/training.md)")
+    p.add_argument("--no-store", action="store_true", help="do not save to the BentoML model store")
+    p.add_argument("--resume", help="continue a run folder or checkpoint.pt (same folder)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="INFO", help="logging level of lipcert (default INFO)")
+    return p
+
+
+def _eval_every(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    if text.strip().isdigit():
+        if int(text) < 1:
+            raise UsageError(f"bad --eval-every {text!r}; use N >= 1 epochs or a duration (30s, 2m)")
+        return dict(eval_every=int(text), eval_every_s=None)
+    return dict(eval_every=None, eval_every_s=parse_duration(text, "--eval-every"))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields set explicitly on the command line."""
+    given: dict[str, Any] = {}
+    for name in ("size", "dataset", "batch_size", "lr", "weight_decay", "eps_train", "temperature",
+                 "seed", "device", "out", "data_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            given[name] = value
+    if args.budget is not None:
+        given.update(budget_s=parse_duration(args.budget), epochs=None)
+    if args.epochs is not None:
+        given.update(epochs=args.epochs, budget_s=None)
+    if args.checkpoint_every is not None:
+        given["checkpoint_every_s"] = parse_duration(args.checkpoint_every, "--checkpoint-every")
+    if args.no_amp:
+        given["amp"] = False
+    if args.no_store:
+        given["store"] = False
+    given.update(_eval_every(args.eval_every))
+    return given
+
+
+def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
+    """The runs the arguments ask for (one per method; one from the checkpoint with --resume).
+
+    Raises:
+        UsageError: any bad value (method, size, dataset, budget …), naming the allowed ones.
+    """
+    try:
+        given = _overrides(args)
+        if args.resume is not None:
+            from training.loop import load_checkpoint
+
+            if args.method is not None:
+                raise UsageError("--resume continues the checkpoint's method; drop --method")
+            base = load_checkpoint(args.resume)["config"]
+            return [TrainConfig.from_dict({**base, **given})]
+        if args.method is None:
+            raise UsageError("--method is required (a method, a comma list or 'all')")
+        fields = {**{k: v for k, v in DEFAULTS.items() if k not in ("budget", "checkpoint_every")},
+                  "checkpoint_every_s": parse_duration(DEFAULTS["checkpoint_every"])}
+        if "budget_s" not in given and "epochs" not in given:
+            fields["budget_s"] = parse_duration(DEFAULTS["budget"])
+        fields.update(given)
+        return [TrainConfig(method=m, **fields) for m in parse_methods(args.method)]
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+class _Progress:
+    """A tqdm bar over the budget (seconds) or the steps, with loss, acc and img/s."""
+
+    def __init__(self, cfg: TrainConfig, label: str) -> None:
+        from tqdm import tqdm
+
+        budget = cfg.budget_s is not None
+        self.budget = budget
+        self.bar = tqdm(total=round(cfg.budget_s, 1) if budget else None, desc=label,
+                        unit="s" if budget else "step", dynamic_ncols=True, leave=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f}s "
+                                   "[{elapsed}<{remaining}{postfix}]" if budget else None)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if self.bar.total is None and record.get("total_steps"):
+            self.bar.total = record["total_steps"]
+        self.bar.n = round(min(record["elapsed_s"], self.bar.total or 1e18), 1) if self.budget \
+            else record["step"]
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
+                             img_s=f"{record['images_per_s']:.0f}", epoch=f"{record['epoch']:.1f}",
+                             refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary(report: dict[str, Any]) -> str:
+    cra = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in report["certified_accuracy"].items())
+    return (f"{report['method']} {report['size']} {report['dataset']}: clean "
+            f"{100 * report['clean_accuracy']:.1f}%, certified {cra}; bound "
+            f"{report['lipschitz_bound']:.4f} ({report['certificate']}); "
+            f"{report['train_time_s']:.1f} s, {report['epochs']:.2f} epochs -> {report['run_dir']}"
+            + (f" [{report['store_tag']}]" if report.get("store_tag") else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configs = configs_from_args(args)
+    except UsageError as exc:
+        parser.exit(2, f"{PROG}: error: {exc}\n")
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        parser.exit(2, f"{PROG}: error: bad --log-level {args.log_level!r}; choose from DEBUG, "
+                       "INFO, WARNING, ERROR\n")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("training", "models", "certify"):
+        logging.getLogger(name).setLevel(level)
+
+    from training.loop import setup_distributed
+
+    # One process group for all runs of a sweep (torchrun's store is not re-initialized per run).
+    dist_ctx, _ = setup_distributed(configs[0].device)
+    try:
+        return _run(args, configs, main_rank=dist_ctx.main)
+    finally:
+        if dist_ctx.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, configs: list[TrainConfig], *, main_rank: bool) -> int:
+    """Train every config in turn; print summaries and, for a sweep, the comparison table."""
+    from training.data import DatasetUnavailableError, load_dataset
+    from training.loop import DivergenceError, train
+
+    try:
+        data = load_dataset(configs[0].dataset, configs[0].data_dir)
+    except DatasetUnavailableError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    reports: list[dict[str, Any]] = []
+    failed = False
+    for cfg in configs:
+        bar = _Progress(cfg, f"{cfg.method}-{cfg.size}") if main_rank and not args.no_progress else None
+        try:
+            result = train(cfg, resume=args.resume, progress=bar, data=data)
+        except DivergenceError as exc:
+            if len(configs) == 1:
+                raise
+            failed = True
+            logging.getLogger("training").error("%s failed: %s", cfg.method, exc)
+            reports.append(dict(method=cfg.method, size=cfg.size, dataset=cfg.dataset, error=str(exc)))
+            continue
+        finally:
+            if bar is not None:
+                bar.close()
+        if main_rank:
+            reports.append(result.report)
+            print(_summary(result.report), flush=True)
+    if main_rank and len(configs) > 1:
+        from training.sweep import comparison_markdown, write_comparison
+
+        cfg = configs[0]
+        stem = Path(cfg.out) / cfg.dataset / f"comparison-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        md, csv_path = write_comparison(reports, stem)
+        print(comparison_markdown(reports), end="")
+        print(f"comparison: {md} {csv_path}", flush=True)
+    return 1 if failed else 0
+
+
+__all__ = ["DEFAULTS", "UsageError", "build_parser", "configs_from_args", "main"]

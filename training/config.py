@@ -1,0 +1,184 @@
+"""Training configuration: one frozen dataclass, per-method defaults, budget parsing.
+
+Units: learning rate per step (SGD), weight decay as SGD's L2 coefficient, ``eps_train`` and
+radii in [0, 1]-pixel L2 units, budgets and times in seconds of wall clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from training.data import DATASETS
+
+#: Peak one-cycle learning rate per method: the comparison paper's best CIFAR-10 XS values
+#: (Prach et al., CVPR 2024, tables in the appendix); Standard is ours.
+DEFAULT_LR: dict[str, float] = {
+    "aol": 6e-2, "bcop": 7e-3, "cayley": 2e-2, "cpl": 3e-2, "lot": 8e-2, "sll": 9e-2,
+    "soc": 5e-2, "standard": 5e-2,
+}
+#: Weight decay per method (the paper searched 4e-6 … 3e-4); 5e-5 is mid-range for all.
+DEFAULT_WEIGHT_DECAY: dict[str, float] = {m: 5e-5 for m in DEFAULT_LR}
+#: Methods computed with complex FFTs: never run them under bf16 autocast.
+FFT_METHODS = frozenset({"cayley", "lot"})
+#: The radii reported at every evaluation (the comparison paper's).
+EVAL_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
+DEVICES = ("auto", "cpu", "cuda")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*$")
+_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int, what: str = "budget") -> float:
+    """Seconds in a duration such as ``90s``, ``5m``, ``1.5h``.
+
+    Raises:
+        ValueError: naming the bad value and the accepted forms.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if not match:
+            raise ValueError(
+                f"bad {what} {text!r}; use a positive number with unit s, m or h (e.g. 90s, 5m, 1h)"
+            )
+        seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"bad {what} {text!r}; it must be positive (e.g. 90s, 5m, 1h)")
+    return seconds
+
+
+def parse_methods(text: str) -> list[str]:
+    """``all`` or a comma list → registered method names (validated, order kept, no repeats).
+
+    Raises:
+        ValueError: an unknown name, naming the allowed ones.
+    """
+    from models import list_methods
+
+    allowed = list_methods()
+    if text.strip().lower() == "all":
+        return allowed
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no method given; choose from all, {', '.join(allowed)}")
+    for n in names:
+        if n not in allowed:
+            raise ValueError(f"unknown method {n!r}; choose from all, {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; saved as ``config.json`` (resolved) and in the checkpoint.
+
+    Attributes:
+        method, size, dataset: what to train (``models.list_methods()``, ``models.list_sizes()``,
+            :data:`training.data.DATASETS`).
+        budget_s: wall-clock training budget in seconds (evaluation not charged); the one-cycle
+            schedule is a function of the elapsed fraction of it. Exclusive with ``epochs``.
+        epochs: train for a number of epochs instead (schedule over the step count).
+        batch_size: global batch (split across DDP processes).
+        lr, weight_decay: peak learning rate and weight decay; ``None`` → per-method default.
+        momentum: SGD momentum.
+        eps_train, temperature: offset cross-entropy: offset ``2√2·eps_train``, temperature T.
+        warmup_frac, div_factor, final_div_factor: one-cycle shape (torch's OneCycleLR defaults).
+        seed: seed of the model init, data order and augmentation.
+        device: ``auto`` (CUDA when there is one), ``cpu`` or ``cuda``.
+        amp: bf16 autocast on CUDA (never for the FFT methods).
+        eval_every: evaluate every this many epochs (``eval_every_s`` for training seconds);
+            ``None`` → only at the end.
+        checkpoint_every_s: write ``checkpoint.pt`` at least this often (training seconds).
+        guard_every: check loss and weights for NaN/Inf every this many steps.
+        max_nan_restarts: give up after this many divergences.
+        out: parent folder of the runs.
+        data_dir: dataset folder (see :func:`training.data.load_dataset`).
+        store: save the model to the BentoML model store.
+        eval_batch_size: batch size of evaluation.
+    """
+
+    method: str
+    size: str = "xs"
+    dataset: str = "fashion-mnist"
+    budget_s: float | None = None
+    epochs: int | None = None
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    eps_train: float = 36 / 255
+    temperature: float = 0.25
+    warmup_frac: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    eval_every: int | None = None
+    eval_every_s: float | None = None
+    checkpoint_every_s: float = 60.0
+    guard_every: int = 20
+    max_nan_restarts: int = 5
+    out: str = "runs"
+    data_dir: str | None = None
+    store: bool = True
+    eval_batch_size: int = 1000
+    eval_eps: tuple[float, ...] = field(default=EVAL_EPS)
+
+    def __post_init__(self) -> None:
+        from models import list_methods, list_sizes
+
+        if self.method not in list_methods():
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(list_methods())}")
+        if self.size not in list_sizes():
+            raise ValueError(f"unknown size {self.size!r}; choose from {', '.join(list_sizes())}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if (self.budget_s is None) == (self.epochs is None):
+            raise ValueError("give exactly one of a budget (e.g. --budget 5m) or --epochs N")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ValueError(f"budget must be positive, got {self.budget_s}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        for name in ("batch_size", "eval_batch_size", "guard_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
+
+    @property
+    def peak_lr(self) -> float:
+        return DEFAULT_LR.get(self.method, 5e-2) if self.lr is None else self.lr
+
+    @property
+    def wd(self) -> float:
+        return DEFAULT_WEIGHT_DECAY.get(self.method, 5e-5) if self.weight_decay is None else self.weight_decay
+
+    @property
+    def offset(self) -> float:
+        """The logit offset m = 2√2·ε_train of the loss."""
+        return 2 * math.sqrt(2) * self.eps_train
+
+    def resolved(self) -> TrainConfig:
+        """The same config with the per-method defaults filled in (what ``config.json`` holds)."""
+        return replace(self, lr=self.peak_lr, weight_decay=self.wd)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["eval_eps"] = list(self.eval_eps)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer checkpoints)."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "eval_eps" in kwargs:
+            kwargs["eval_eps"] = tuple(kwargs["eval_eps"])
+        return cls(**kwargs)
