@@ -16,7 +16,17 @@ from training.loss import offset_cross_entropy, one_cycle_lr
 from training.store import list_store_models, save_to_store
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetUnavailableError", "RunResult", "TrainConfig", "list_store_models",
-    "load_dataset", "offset_cross_entropy", "one_cycle_lr", "parse_duration", "parse_methods",
-    "save_to_store", "train",
+    "DATASETS",
+    "Dataset",
+    "DatasetUnavailableError",
+    "RunResult",
+    "TrainConfig",
+    "list_store_models",
+    "load_dataset",
+    "offset_cross_entropy",
+    "one_cycle_lr",
+    "parse_duration",
+    "parse_methods",
+    "save_to_store",
+    "train",
 ]

@@ -5,7 +5,7 @@ Examples::
     python -m training --method aol --size xs --dataset fashion-mnist --budget 5m
     python -m training --method all --size xxs --dataset digits --budget 30s     # a sweep
     python -m training --resume runs/fashion-mnist/aol-xs-20250101-120000 --budget 10m
-    torchrun --nproc_per_node 2 -m training --method aol --dataset cifar10 --data-dir data --epochs 10
+    torchrun --nproc_per_node 2 -m training --method sll --dataset cifar10 --data-dir d --epochs 9
 
 Bad arguments print one line naming the allowed values and exit with status 2.
 """
@@ -23,9 +23,18 @@ from training.config import TrainConfig, parse_duration, parse_methods
 
 PROG = "python -m training"
 #: Defaults of options the CLI fills in (``None`` in the parser, so --resume sees what was given).
-DEFAULTS: dict[str, Any] = dict(size="xs", dataset="fashion-mnist", budget="5m", batch_size=256,
-                                eps_train=36 / 255, temperature=0.25, seed=0, device="auto",
-                                out="runs", checkpoint_every="1m")
+DEFAULTS: dict[str, Any] = dict(
+    size="xs",
+    dataset="fashion-mnist",
+    budget="5m",
+    batch_size=256,
+    eps_train=36 / 255,
+    temperature=0.25,
+    seed=0,
+    device="auto",
+    out="runs",
+    checkpoint_every="1m",
+)
 
 
 class UsageError(Exception):
@@ -46,12 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help=f"one of {', '.join(list_sizes())} (default xs)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default fashion-mnist)")
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--budget", help="wall-clock training budget per run: 90s, 5m, 1h (default 5m)")
+    when.add_argument(
+        "--budget", help="wall-clock training budget per run: 90s, 5m, 1h (default 5m)"
+    )
     when.add_argument("--epochs", type=int, help="train for N epochs instead of a budget")
     p.add_argument("--batch-size", type=int, help="global batch size (default 256)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: per method)")
-    p.add_argument("--eps-train", type=float, help="ε of the loss offset, [0,1] units (default 36/255)")
+    p.add_argument(
+        "--eps-train", type=float, help="ε of the loss offset, [0,1] units (default 36/255)"
+    )
     p.add_argument("--temperature", type=float, help="loss temperature T (default 0.25)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
@@ -61,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="parent folder of the runs (default runs/)")
     p.add_argument("--data-dir", help="dataset folder (see docs/training.md)")
     p.add_argument("--no-store", action="store_true", help="do not save to the BentoML model store")
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="no ONNX file (and no store); final evaluation in torch, audited",
+    )
     p.add_argument("--resume", help="continue a run folder or checkpoint.pt (same folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", help="logging level of lipcert (default INFO)")
@@ -72,7 +90,9 @@ def _eval_every(text: str | None) -> dict[str, Any]:
         return {}
     if text.strip().isdigit():
         if int(text) < 1:
-            raise UsageError(f"bad --eval-every {text!r}; use N >= 1 epochs or a duration (30s, 2m)")
+            raise UsageError(
+                f"bad --eval-every {text!r}; use N >= 1 epochs or a duration (30s, 2m)"
+            )
         return dict(eval_every=int(text), eval_every_s=None)
     return dict(eval_every=None, eval_every_s=parse_duration(text, "--eval-every"))
 
@@ -80,8 +100,19 @@ def _eval_every(text: str | None) -> dict[str, Any]:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config fields set explicitly on the command line."""
     given: dict[str, Any] = {}
-    for name in ("size", "dataset", "batch_size", "lr", "weight_decay", "eps_train", "temperature",
-                 "seed", "device", "out", "data_dir"):
+    for name in (
+        "size",
+        "dataset",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "eps_train",
+        "temperature",
+        "seed",
+        "device",
+        "out",
+        "data_dir",
+    ):
         value = getattr(args, name)
         if value is not None:
             given[name] = value
@@ -95,6 +126,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         given["amp"] = False
     if args.no_store:
         given["store"] = False
+    if args.no_export:
+        given["export"] = False
     given.update(_eval_every(args.eval_every))
     return given
 
@@ -116,8 +149,10 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             return [TrainConfig.from_dict({**base, **given})]
         if args.method is None:
             raise UsageError("--method is required (a method, a comma list or 'all')")
-        fields = {**{k: v for k, v in DEFAULTS.items() if k not in ("budget", "checkpoint_every")},
-                  "checkpoint_every_s": parse_duration(DEFAULTS["checkpoint_every"])}
+        fields = {
+            **{k: v for k, v in DEFAULTS.items() if k not in ("budget", "checkpoint_every")},
+            "checkpoint_every_s": parse_duration(DEFAULTS["checkpoint_every"]),
+        }
         if "budget_s" not in given and "epochs" not in given:
             fields["budget_s"] = parse_duration(DEFAULTS["budget"])
         fields.update(given)
@@ -136,19 +171,38 @@ class _Progress:
 
         budget = cfg.budget_s is not None
         self.budget = budget
-        self.bar = tqdm(total=round(cfg.budget_s, 1) if budget else None, desc=label,
-                        unit="s" if budget else "step", dynamic_ncols=True, leave=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f}s "
-                                   "[{elapsed}<{remaining}{postfix}]" if budget else None)
+        self.bar = tqdm(
+            total=round(cfg.budget_s, 1) if budget else None,
+            desc=label,
+            unit="s" if budget else "step",
+            dynamic_ncols=True,
+            leave=True,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f}s "
+            "[{elapsed}<{remaining}{postfix}]"
+            if budget
+            else None,
+        )
 
     def __call__(self, record: dict[str, Any]) -> None:
         if self.bar.total is None and record.get("total_steps"):
             self.bar.total = record["total_steps"]
-        self.bar.n = round(min(record["elapsed_s"], self.bar.total or 1e18), 1) if self.budget \
+        self.bar.n = (
+            round(min(record["elapsed_s"], self.bar.total or 1e18), 1)
+            if self.budget
             else record["step"]
-        self.bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                             img_s=f"{record['images_per_s']:.0f}", epoch=f"{record['epoch']:.1f}",
-                             refresh=False)
+        )
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            acc=f"{record['acc']:.3f}",
+            img_s=f"{record['images_per_s']:.0f}",
+            epoch=f"{record['epoch']:.1f}",
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def finish(self, report: dict[str, Any]) -> None:
+        """Show the finished run (the last update may be up to ``guard_every`` steps old)."""
+        self.bar.n = round(report["train_time_s"], 1) if self.budget else report["steps"]
         self.bar.refresh()
 
     def close(self) -> None:
@@ -157,11 +211,14 @@ class _Progress:
 
 def _summary(report: dict[str, Any]) -> str:
     cra = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in report["certified_accuracy"].items())
-    return (f"{report['method']} {report['size']} {report['dataset']}: clean "
-            f"{100 * report['clean_accuracy']:.1f}%, certified {cra}; bound "
-            f"{report['lipschitz_bound']:.4f} ({report['certificate']}); "
-            f"{report['train_time_s']:.1f} s, {report['epochs']:.2f} epochs -> {report['run_dir']}"
-            + (f" [{report['store_tag']}]" if report.get("store_tag") else ""))
+    where = report["onnx"] or report["run_dir"]
+    return (
+        f"{report['method']} {report['size']} {report['dataset']}: clean "
+        f"{100 * report['clean_accuracy']:.1f}%, certified {cra}; bound "
+        f"{report['lipschitz_bound']:.4f} ({report['certificate']}); "
+        f"{report['train_time_s']:.1f} s, {report['epochs']:.2f} epochs -> {where}"
+        + (f" [{report['store_tag']}]" if report.get("store_tag") else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{PROG}: error: {exc}\n")
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
-        parser.exit(2, f"{PROG}: error: bad --log-level {args.log_level!r}; choose from DEBUG, "
-                       "INFO, WARNING, ERROR\n")
+        parser.exit(
+            2,
+            f"{PROG}: error: bad --log-level {args.log_level!r}; choose from DEBUG, "
+            "INFO, WARNING, ERROR\n",
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for name in ("training", "models", "certify"):
         logging.getLogger(name).setLevel(level)
@@ -206,15 +266,21 @@ def _run(args: argparse.Namespace, configs: list[TrainConfig], *, main_rank: boo
     reports: list[dict[str, Any]] = []
     failed = False
     for cfg in configs:
-        bar = _Progress(cfg, f"{cfg.method}-{cfg.size}") if main_rank and not args.no_progress else None
+        bar = (
+            _Progress(cfg, f"{cfg.method}-{cfg.size}")
+            if main_rank and not args.no_progress
+            else None
+        )
         try:
             result = train(cfg, resume=args.resume, progress=bar, data=data)
+            if bar is not None:
+                bar.finish(result.report)
         except DivergenceError as exc:
-            if len(configs) == 1:
-                raise
             failed = True
             logging.getLogger("training").error("%s failed: %s", cfg.method, exc)
-            reports.append(dict(method=cfg.method, size=cfg.size, dataset=cfg.dataset, error=str(exc)))
+            reports.append(
+                dict(method=cfg.method, size=cfg.size, dataset=cfg.dataset, error=str(exc))
+            )
             continue
         finally:
             if bar is not None:
@@ -226,7 +292,9 @@ def _run(args: argparse.Namespace, configs: list[TrainConfig], *, main_rank: boo
         from training.sweep import comparison_markdown, write_comparison
 
         cfg = configs[0]
-        stem = Path(cfg.out) / cfg.dataset / f"comparison-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = (
+            Path(cfg.out) / cfg.dataset / f"comparison-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         md, csv_path = write_comparison(reports, stem)
         print(comparison_markdown(reports), end="")
         print(f"comparison: {md} {csv_path}", flush=True)

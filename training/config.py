@@ -16,8 +16,14 @@ from training.data import DATASETS
 #: Peak one-cycle learning rate per method: the comparison paper's best CIFAR-10 XS values
 #: (Prach et al., CVPR 2024, tables in the appendix); Standard is ours.
 DEFAULT_LR: dict[str, float] = {
-    "aol": 6e-2, "bcop": 7e-3, "cayley": 2e-2, "cpl": 3e-2, "lot": 8e-2, "sll": 9e-2,
-    "soc": 5e-2, "standard": 5e-2,
+    "aol": 6e-2,
+    "bcop": 7e-3,
+    "cayley": 2e-2,
+    "cpl": 3e-2,
+    "lot": 8e-2,
+    "sll": 9e-2,
+    "soc": 5e-2,
+    "standard": 5e-2,
 }
 #: Weight decay per method (the paper searched 4e-6 … 3e-4); 5e-5 is mid-range for all.
 DEFAULT_WEIGHT_DECAY: dict[str, float] = {m: 5e-5 for m in DEFAULT_LR}
@@ -97,6 +103,8 @@ class TrainConfig:
         out: parent folder of the runs.
         data_dir: dataset folder (see :func:`training.data.load_dataset`).
         store: save the model to the BentoML model store.
+        export: write ``model.onnx`` and evaluate it in ONNX Runtime; off (quick searches): the
+            final evaluation runs the audited plain network in torch and nothing is stored.
         eval_batch_size: batch size of evaluation.
     """
 
@@ -125,6 +133,7 @@ class TrainConfig:
     out: str = "runs"
     data_dir: str | None = None
     store: bool = True
+    export: bool = True
     eval_batch_size: int = 1000
     eval_eps: tuple[float, ...] = field(default=EVAL_EPS)
 
@@ -132,7 +141,9 @@ class TrainConfig:
         from models import list_methods, list_sizes
 
         if self.method not in list_methods():
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(list_methods())}")
+            raise ValueError(
+                f"unknown method {self.method!r}; choose from {', '.join(list_methods())}"
+            )
         if self.size not in list_sizes():
             raise ValueError(f"unknown size {self.size!r}; choose from {', '.join(list_sizes())}")
         if self.dataset not in DATASETS:
@@ -158,7 +169,11 @@ class TrainConfig:
 
     @property
     def wd(self) -> float:
-        return DEFAULT_WEIGHT_DECAY.get(self.method, 5e-5) if self.weight_decay is None else self.weight_decay
+        return (
+            DEFAULT_WEIGHT_DECAY.get(self.method, 5e-5)
+            if self.weight_decay is None
+            else self.weight_decay
+        )
 
     @property
     def offset(self) -> float:

@@ -46,12 +46,22 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~")) / ".cache" / "lipcert" / "data"
 
 FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -82,7 +92,7 @@ DATASETS: tuple[str, ...] = tuple(AUGMENTATIONS)
 
 
 class DatasetUnavailableError(FileNotFoundError):
-    """The dataset's files are missing and could not be downloaded; the message says how to get them."""
+    """The dataset is missing and cannot be downloaded; the message says how to get it."""
 
 
 @dataclass(frozen=True)
@@ -131,10 +141,17 @@ def _make(name: str, train: tuple, test: tuple, classes: Sequence[str]) -> Datas
     te_x, te_y = (torch.as_tensor(np.ascontiguousarray(a)) for a in test)
     for x in (tr_x, te_x):
         if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"{name}: expected (N, C, H, W) uint8 images, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected (N, C, H, W) uint8 images, got {x.dtype} {tuple(x.shape)}"
+            )
     return Dataset(
-        name=name, train_images=tr_x, train_labels=tr_y.long(), test_images=te_x,
-        test_labels=te_y.long(), classes=tuple(str(c) for c in classes), mean=_channel_mean(tr_x),
+        name=name,
+        train_images=tr_x,
+        train_labels=tr_y.long(),
+        test_images=te_x,
+        test_labels=te_y.long(),
+        classes=tuple(str(c) for c in classes),
+        mean=_channel_mean(tr_x),
     )
 
 
@@ -161,7 +178,9 @@ def _fashion_mnist_gz_dir(data_dir: Path | None) -> Path | None:
         candidates += [data_dir, data_dir / "fashion-mnist", data_dir / "FashionMNIST" / "raw"]
     candidates.append(DEBIAN_FASHION_MNIST)
     for folder in candidates:
-        if all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in FASHION_MNIST_FILES):
+        if all(
+            (folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in FASHION_MNIST_FILES
+        ):
             return folder
     return None
 
@@ -176,7 +195,7 @@ def _read_fashion_mnist(root: Path) -> tuple[tuple, tuple]:
     return splits[0], splits[1]
 
 
-def _load_fashion_mnist(data_dir: Path | None) -> Dataset:
+def _load_fashion_mnist(data_dir: Path | None, download: bool) -> Dataset:
     source = _fashion_mnist_gz_dir(data_dir)
     if source is not None:
         # torchvision reads the decompressed IDX files from <root>/FashionMNIST/raw/.
@@ -196,11 +215,13 @@ def _load_fashion_mnist(data_dir: Path | None) -> Dataset:
         from torchvision.datasets import FashionMNIST
 
         try:
+            if not download:
+                raise FileNotFoundError("downloads are off")
             for train_split in (True, False):
                 FashionMNIST(str(root), train=train_split, download=True)
         except Exception as exc:  # URLError, RuntimeError, OSError: all mean "not available"
             raise DatasetUnavailableError(
-                "fashion-mnist not found and the download failed "
+                "fashion-mnist not found and could not be downloaded "
                 f"({type(exc).__name__}: {exc}); install Debian's package "
                 "(apt-get install dataset-fashion-mnist, files in "
                 f"{DEBIAN_FASHION_MNIST}) or pass --data-dir with the four IDX .gz files"
@@ -232,7 +253,7 @@ def _cifar_class(name: str) -> type:
     return _PresenceChecked
 
 
-def _load_cifar(name: str, data_dir: Path | None) -> Dataset:
+def _load_cifar(name: str, data_dir: Path | None, download: bool) -> Dataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     root = data_dir or DEFAULT_DATA_DIR
@@ -240,10 +261,12 @@ def _load_cifar(name: str, data_dir: Path | None) -> Dataset:
     if not (root / reader.base_folder).is_dir():
         official = CIFAR10 if name == "cifar10" else CIFAR100
         try:
+            if not download:
+                raise FileNotFoundError("downloads are off")
             official(str(root), train=True, download=True)
         except Exception as exc:  # URLError, RuntimeError, OSError
             raise DatasetUnavailableError(
-                f"{name} not found in {root / reader.base_folder} and the download failed "
+                f"{name} not found in {root / reader.base_folder} and could not be downloaded "
                 f"({type(exc).__name__}: {exc}); download {official.url}, extract it into a "
                 "folder and pass that folder as --data-dir"
             ) from exc
@@ -267,7 +290,7 @@ TINYIMAGENET_CACHE = "lipcert-uint8.pt"
 
 
 def _tinyimagenet_root(data_dir: Path | None) -> Path:
-    for folder in ([data_dir, data_dir / "tiny-imagenet-200"] if data_dir else []):
+    for folder in [data_dir, data_dir / "tiny-imagenet-200"] if data_dir else []:
         if (folder / "wnids.txt").is_file() and (folder / "train").is_dir():
             return folder
     raise DatasetUnavailableError(
@@ -278,14 +301,14 @@ def _tinyimagenet_root(data_dir: Path | None) -> Path:
 
 
 def _decode_rgb(paths: Sequence[Path], size: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.datasets.folder import default_loader  # PIL, converted to RGB
 
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, p in enumerate(paths):  # one-off decoding at load time, cached afterwards
-        img = decode_image(str(p), mode=ImageReadMode.RGB)
-        if img.shape[-2:] != (size, size):
-            raise ValueError(f"{p}: expected {size}x{size}, got {tuple(img.shape[-2:])}")
-        out[i] = img
+        img = np.array(default_loader(str(p)))  # (H, W, 3), writable
+        if img.shape[:2] != (size, size):
+            raise ValueError(f"{p}: expected {size}x{size}, got {img.shape[:2]}")
+        out[i] = torch.from_numpy(img).permute(2, 0, 1)
     return out
 
 
@@ -297,15 +320,21 @@ def _load_tinyimagenet(data_dir: Path | None) -> Dataset:
         blob = torch.load(cache, weights_only=True)
         if blob.get("wnids") == wnids:
             logger.info("tinyimagenet from cache %s", cache)
-            return _make("tinyimagenet", (blob["train_x"], blob["train_y"]),
-                         (blob["test_x"], blob["test_y"]), blob["classes"])
+            return _make(
+                "tinyimagenet",
+                (blob["train_x"], blob["train_y"]),
+                (blob["test_x"], blob["test_y"]),
+                blob["classes"],
+            )
     from torchvision.datasets import ImageFolder
 
     index = {w: i for i, w in enumerate(wnids)}
     folder = ImageFolder(str(root / "train"))  # class folders are the wnids, sorted
     missing = sorted(set(folder.classes) ^ set(wnids))
     if missing:
-        raise DatasetUnavailableError(f"tinyimagenet: train/ and wnids.txt disagree on {missing[:5]}")
+        raise DatasetUnavailableError(
+            f"tinyimagenet: train/ and wnids.txt disagree on {missing[:5]}"
+        )
     train_paths = [Path(p) for p, _ in folder.samples]
     train_y = torch.tensor([index[folder.classes[c]] for _, c in folder.samples], dtype=torch.int64)
     annotations = (root / "val" / "val_annotations.txt").read_text().splitlines()
@@ -321,20 +350,32 @@ def _load_tinyimagenet(data_dir: Path | None) -> Dataset:
             words[wnid] = text.split(",")[0].strip() or wnid
     classes = [words.get(w, w) for w in wnids]
     try:
-        torch.save(dict(wnids=wnids, train_x=train_x, train_y=train_y, test_x=test_x,
-                        test_y=val_y, classes=classes), cache)
+        torch.save(
+            dict(
+                wnids=wnids,
+                train_x=train_x,
+                train_y=train_y,
+                test_x=test_x,
+                test_y=val_y,
+                classes=classes,
+            ),
+            cache,
+        )
     except OSError:  # read-only data folder: decode again next time
         logger.warning("could not write the tinyimagenet cache %s", cache)
     return _make("tinyimagenet", (train_x, train_y), (test_x, val_y), classes)
 
 
 # -- public ------------------------------------------------------------------------------------
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | Path | None = None, *, download: bool = True
+) -> Dataset:
     """Load a dataset into memory as uint8 tensors.
 
     Args:
         name: one of :data:`DATASETS`.
         data_dir: where the files are (or go, for downloads); see the module docstring.
+        download: try torchvision's download when the files are missing (Fashion-MNIST, CIFAR).
 
     Returns:
         The :class:`Dataset`.
@@ -349,9 +390,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     if name == "digits":
         return _load_digits()
     if name == "fashion-mnist":
-        return _load_fashion_mnist(folder)
+        return _load_fashion_mnist(folder, download)
     if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, folder)
+        return _load_cifar(name, folder, download)
     return _load_tinyimagenet(folder)
 
 

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 #: (its Björck orthogonalization in bf16 drifts far from orthogonal).
 NO_AMP_METHODS = FFT_METHODS | {"bcop"}
 CHECKPOINT = "checkpoint.pt"
+#: NaN guard: how many verified states are kept (the start and the newest ones).
+GOOD_STATES = 4
 #: Training-metric lines in ``metrics.jsonl`` at most this often (training seconds).
 LOG_EVERY_S = 10.0
 
@@ -92,7 +94,9 @@ def setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     if device_name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+        raise ValueError(
+            "device 'cuda' requested but CUDA is not available; use --device cpu or auto"
+        )
     device = torch.device(f"cuda:{local_rank}") if device_name == "cuda" else torch.device("cpu")
     if world <= 1:
         return _Dist(), device
@@ -160,7 +164,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _epoch_order(seed: int, epoch: int, n: int, per_rank: int, world: int, rank: int) -> torch.Tensor:
+def _epoch_order(
+    seed: int, epoch: int, n: int, per_rank: int, world: int, rank: int
+) -> torch.Tensor:
     """This rank's sample indices for one epoch: ``(steps_per_epoch, per_rank)``, same on resume."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=gen)
@@ -199,7 +205,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 # -- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+def _logits(
+    model: nn.Module, images: torch.Tensor, batch: int, device: torch.device
+) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
         x = images[i : i + batch].to(device, non_blocking=True).float().div_(255)
@@ -207,18 +215,23 @@ def _logits(model: nn.Module, images: torch.Tensor, batch: int, device: torch.de
     return torch.cat(out)
 
 
-def evaluate_torch(model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+def evaluate_torch(
+    model: nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device, *, full: bool = False
+) -> dict[str, Any]:
     """Clean and certified accuracy of the current model: its plain form, audited on the CPU.
+
+    Args:
+        full: also compute the audit's power-iteration lower estimate (slower).
 
     Returns:
         ``{"clean_accuracy", "certified_accuracy": {eps_key: fraction}, "lipschitz_bound",
-        "certificate"}``.
+        "lipschitz_bound_body", "lipschitz_bound_head", "lipschitz_lower", "certificate"}``.
     """
     from certify import audit, certified_accuracy
     from models.export import to_plain
 
     plain = to_plain(copy.deepcopy(model).cpu())
-    result = audit(plain, data.input_shape, lower=False)
+    result = audit(plain, data.input_shape, lower=full)
     if result.certificate == "linear_head":
         kwargs = dict(lipschitz_bound=result.body_bound, head=result.head_rows)
     else:
@@ -226,13 +239,26 @@ def evaluate_torch(model: nn.Module, data: Dataset, cfg: TrainConfig, device: to
     logits = _logits(plain.to(device), data.test_images, cfg.eval_batch_size, device)
     acc = certified_accuracy(logits, data.test_labels, cfg.eval_eps, **kwargs)
     clean = acc.pop("clean")
-    return dict(clean_accuracy=clean, certified_accuracy=acc, lipschitz_bound=result.bound,
-                certificate=result.certificate)
+    return dict(
+        clean_accuracy=clean,
+        certified_accuracy=acc,
+        lipschitz_bound=result.bound,
+        lipschitz_bound_body=result.body_bound,
+        lipschitz_bound_head=result.head_bound,
+        lipschitz_lower=result.lower,
+        certificate=result.certificate,
+    )
 
 
-def evaluate_onnx(path: str | Path, images: torch.Tensor, labels: torch.Tensor, *,
-                  eps: tuple[float, ...], batch: int = 1000,
-                  cuda: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_onnx(
+    path: str | Path,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: tuple[float, ...],
+    batch: int = 1000,
+    cuda: bool = False,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Clean and certified accuracy of an exported model, from ONNX Runtime logits.
 
     The model is verified first (metadata, weights hash); the certificate uses the audited bound
@@ -272,6 +298,64 @@ def _add_onnx_metadata(path: Path, extra: dict[str, Any]) -> None:
     onnx.save_model(proto, str(path), save_as_external_data=False)
 
 
+def _final_evaluation(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """Export, audit and evaluate the trained model (``cfg.export``), or audit it in torch.
+
+    Returns:
+        ``{"accuracy", "metadata" (of the ONNX file, or None), "onnx" (path or None),
+        "export_time_s", "eval_time_s"}``.
+    """
+    if not cfg.export:
+        t_eval = time.perf_counter()
+        acc = evaluate_torch(model, data, cfg, device, full=True)
+        return dict(
+            accuracy=acc,
+            metadata=None,
+            onnx=None,
+            export_time_s=0.0,
+            eval_time_s=time.perf_counter() - t_eval,
+        )
+    from models.export import to_onnx
+
+    t_export = time.perf_counter()
+    onnx_path = to_onnx(
+        copy.deepcopy(model).cpu(),
+        run_dir / "model.onnx",
+        input_shape=data.input_shape,
+        metadata=dict(dataset=cfg.dataset, classes=list(data.classes), **training),
+    )
+    export_time = time.perf_counter() - t_export
+    t_eval = time.perf_counter()
+    acc, meta = evaluate_onnx(
+        onnx_path,
+        data.test_images,
+        data.test_labels,
+        eps=cfg.eval_eps,
+        batch=cfg.eval_batch_size,
+        cuda=device.type == "cuda",
+    )
+    eval_time = time.perf_counter() - t_eval
+    # The accuracies go into the file too (metadata only: the weights and their hash are kept).
+    _add_onnx_metadata(
+        onnx_path,
+        dict(clean_accuracy=acc["clean_accuracy"], certified_accuracy=acc["certified_accuracy"]),
+    )
+    return dict(
+        accuracy=acc,
+        metadata=meta,
+        onnx=onnx_path,
+        export_time_s=export_time,
+        eval_time_s=eval_time,
+    )
+
+
 # -- the run -----------------------------------------------------------------------------------
 def train(
     cfg: TrainConfig,
@@ -298,9 +382,9 @@ def train(
         DivergenceError: NaN/Inf persisted after ``cfg.max_nan_restarts`` restores.
         DatasetUnavailableError: the data is missing.
     """
-    from models import create_model
-
     import torch.distributed as dist
+
+    from models import create_model
 
     owns_group = not (dist.is_available() and dist.is_initialized())
     dist_ctx, device = setup_distributed(cfg.device)
@@ -316,12 +400,20 @@ def train(
 
         # Model and optimizer. Same seed on every rank; DDP also broadcasts rank 0's weights.
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.method, cfg.size, data.in_channels, data.num_classes,
-                             data.image_size, mean=data.mean).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.wd)
-        state = dict(step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, lr_scale=1.0,
-                     nan_restarts=0, images=0)
+        model = create_model(
+            cfg.method,
+            cfg.size,
+            data.in_channels,
+            data.num_classes,
+            data.image_size,
+            mean=data.mean,
+        ).to(device)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.wd
+        )
+        state = dict(
+            step=0, epoch=0, batch_in_epoch=0, elapsed_s=0.0, lr_scale=1.0, nan_restarts=0, images=0
+        )
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -339,12 +431,28 @@ def train(
 
         metrics = run_dir / "metrics.jsonl"
         if dist_ctx.main:
-            resolved = dict(cfg.to_dict(), device_resolved=str(device), world_size=dist_ctx.world,
-                            amp_used=amp, parameters=parameters, model_config=model.config,
-                            torch_version=torch.__version__, resumed_from_step=state["step"])
+            resolved = dict(
+                cfg.to_dict(),
+                device_resolved=str(device),
+                world_size=dist_ctx.world,
+                amp_used=amp,
+                parameters=parameters,
+                model_config=model.config,
+                torch_version=torch.__version__,
+                resumed_from_step=state["step"],
+            )
             (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-            logger.info("run %s: %s %s on %s, %d parameters, device %s x%d, amp %s", run_dir,
-                        cfg.method, cfg.size, cfg.dataset, parameters, device, dist_ctx.world, amp)
+            logger.info(
+                "run %s: %s %s on %s, %d parameters, device %s x%d, amp %s",
+                run_dir,
+                cfg.method,
+                cfg.size,
+                cfg.dataset,
+                parameters,
+                device,
+                dist_ctx.world,
+                amp,
+            )
 
         # Data in memory on the device; this rank's share of each global batch.
         x_train = data.train_images.to(device)
@@ -366,23 +474,37 @@ def train(
         def checkpoint(elapsed: float) -> None:
             if dist_ctx.main:
                 state["elapsed_s"] = elapsed
-                _atomic_save(dict(config=cfg.to_dict(), model=model.state_dict(),
-                                  optimizer=optimizer.state_dict(), state=dict(state)),
-                             run_dir / CHECKPOINT)
+                _atomic_save(
+                    dict(
+                        config=cfg.to_dict(),
+                        model=model.state_dict(),
+                        optimizer=optimizer.state_dict(),
+                        state=dict(state),
+                    ),
+                    run_dir / CHECKPOINT,
+                )
 
         def snapshot() -> dict[str, Any]:
-            return dict(model=copy.deepcopy(model.state_dict()),
-                        optimizer=copy.deepcopy(optimizer.state_dict()))
+            return dict(
+                model=copy.deepcopy(model.state_dict()),
+                optimizer=copy.deepcopy(optimizer.state_dict()),
+            )
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         clock = _Stopwatch(device, offset=state["elapsed_s"])
-        good = snapshot()
+        # NaN guard. ``good``: states each followed by a finite window, newest last (the first is
+        # the start). ``pending``, the latest finite state, joins them once the next window is
+        # finite too. A restore that fails again at once discards the newest good state: a state
+        # can be finite yet already doomed (huge weights), so consecutive failures walk back.
+        pending = snapshot()
+        good = [pending]
+        failures_in_a_row = 0
         order = None
         window_loss = torch.zeros((), device=device)
         window_correct = torch.zeros((), device=device)
         window_count, window_start = 0, state["elapsed_s"]
-        step_time = 0.0  # running estimate, to stop before (not after) the budget
+        step_time, prev_elapsed = 0.0, None  # running estimate, to stop before the budget ends
         last_log = last_ckpt = state["elapsed_s"]
         lr = 0.0
         next_eval_s = (state["elapsed_s"] + cfg.eval_every_s) if cfg.eval_every_s else math.inf
@@ -392,6 +514,10 @@ def train(
             elapsed = clock.elapsed()
             if dist_ctx.active:  # every rank follows rank 0's clock
                 elapsed = _broadcast_float(elapsed, device)
+            if prev_elapsed is not None:  # training time per step (pauses are not in it)
+                dt = elapsed - prev_elapsed
+                step_time = dt if step_time == 0.0 else 0.9 * step_time + 0.1 * dt
+            prev_elapsed = elapsed
             if cfg.budget_s is not None:
                 if elapsed + 0.5 * step_time >= cfg.budget_s:
                     break
@@ -400,18 +526,23 @@ def train(
             frac = fraction(elapsed)
 
             if order is None or state["batch_in_epoch"] == 0:
-                order = _epoch_order(cfg.seed, state["epoch"], n, per_rank, dist_ctx.world,
-                                     dist_ctx.rank).to(device)
+                order = _epoch_order(
+                    cfg.seed, state["epoch"], n, per_rank, dist_ctx.world, dist_ctx.rank
+                ).to(device)
             idx = order[state["batch_in_epoch"]]
             xb = augment(x_train[idx], spec, aug_gen).float().div_(255)  # (B, C, H, W) in [0, 1]
             yb = y_train[idx]
-            lr = one_cycle_lr(frac, cfg.peak_lr, warmup_frac=cfg.warmup_frac,
-                              div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
+            lr = one_cycle_lr(
+                frac,
+                cfg.peak_lr,
+                warmup_frac=cfg.warmup_frac,
+                div_factor=cfg.div_factor,
+                final_div_factor=cfg.final_div_factor,
+            )
             lr *= state["lr_scale"]
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(xb)
             if cfg.method == "standard":
@@ -431,40 +562,65 @@ def train(
             if epoch_done:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-            dt = time.perf_counter() - t0
-            step_time = dt if step_time == 0.0 else 0.9 * step_time + 0.1 * dt
 
             # NaN guard: every guard_every steps (one sync), and on the last step of an epoch.
             if state["step"] % cfg.guard_every == 0 or epoch_done:
-                bad = torch.tensor([0.0 if (torch.isfinite(window_loss) and _all_finite(model)) else 1.0],
-                                   device=device)
+                bad = torch.tensor(
+                    [0.0 if (torch.isfinite(window_loss) and _all_finite(model)) else 1.0],
+                    device=device,
+                )
                 if dist_ctx.active:
                     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
                 elapsed = clock.elapsed(sync=True)
                 if bad.item() > 0:
                     state["nan_restarts"] += 1
                     state["lr_scale"] *= 0.5
-                    model.load_state_dict(good["model"])
-                    optimizer.load_state_dict(good["optimizer"])
-                    logger.warning("%s: non-finite loss or weights at step %d; restored the last good "
-                                   "state, learning rate scale now %.3g (restart %d of %d)", cfg.method,
-                                   state["step"], state["lr_scale"], state["nan_restarts"],
-                                   cfg.max_nan_restarts)
+                    failures_in_a_row += 1
+                    if failures_in_a_row > 1 and len(good) > 1:
+                        good.pop()
+                    model.load_state_dict(good[-1]["model"])
+                    optimizer.load_state_dict(good[-1]["optimizer"])
+                    pending = good[-1]
+                    logger.warning(
+                        "%s: non-finite loss or weights at step %d; restored the last good "
+                        "state, learning rate scale now %.3g (restart %d of %d)",
+                        cfg.method,
+                        state["step"],
+                        state["lr_scale"],
+                        state["nan_restarts"],
+                        cfg.max_nan_restarts,
+                    )
                     if dist_ctx.main:
-                        _append_jsonl(metrics, dict(event="nan", step=state["step"], elapsed_s=elapsed,
-                                                    lr_scale=state["lr_scale"]))
+                        _append_jsonl(
+                            metrics,
+                            dict(
+                                event="nan",
+                                step=state["step"],
+                                elapsed_s=elapsed,
+                                lr_scale=state["lr_scale"],
+                            ),
+                        )
                     if state["nan_restarts"] > cfg.max_nan_restarts:
                         raise DivergenceError(
                             f"{cfg.method} diverged {state['nan_restarts']} times; last lr {lr:.3g}"
                         )
                 else:
-                    good = snapshot()
+                    failures_in_a_row = 0
+                    if pending is not good[-1]:
+                        good = [good[0], *good[1:][-(GOOD_STATES - 2) :], pending]
+                    pending = snapshot()
                     record = dict(
-                        step=state["step"], epoch=state["step"] / steps_per_epoch, elapsed_s=elapsed,
-                        budget_s=cfg.budget_s, total_steps=total_steps, lr=lr,
+                        step=state["step"],
+                        epoch=state["step"] / steps_per_epoch,
+                        elapsed_s=elapsed,
+                        budget_s=cfg.budget_s,
+                        total_steps=total_steps,
+                        lr=lr,
                         loss=float(window_loss) / window_count,
                         acc=float(window_correct) / (window_count * per_rank),
-                        images_per_s=window_count * per_rank * dist_ctx.world
+                        images_per_s=window_count
+                        * per_rank
+                        * dist_ctx.world
                         / max(1e-9, elapsed - window_start),
                     )
                     if dist_ctx.main and progress is not None:
@@ -477,20 +633,32 @@ def train(
                 window_count, window_start = 0, elapsed
 
                 # Evaluation and checkpoints: the clock is paused (not charged to the budget).
-                want_eval = (epoch_done and cfg.eval_every and state["epoch"] % cfg.eval_every == 0) \
-                    or elapsed >= next_eval_s
+                want_eval = (
+                    epoch_done and cfg.eval_every and state["epoch"] % cfg.eval_every == 0
+                ) or elapsed >= next_eval_s
                 want_ckpt = elapsed - last_ckpt >= cfg.checkpoint_every_s
                 if want_eval or want_ckpt:
                     clock.pause()
                     if want_eval and dist_ctx.main:
                         t_eval = time.perf_counter()
                         result = evaluate_torch(model, data, cfg, device)
-                        _append_jsonl(metrics, dict(event="eval", step=state["step"],
-                                                    epoch=state["step"] / steps_per_epoch,
-                                                    elapsed_s=elapsed, **result,
-                                                    eval_time_s=time.perf_counter() - t_eval))
-                        logger.info("eval at step %d: clean %.4f, certified %s", state["step"],
-                                    result["clean_accuracy"], result["certified_accuracy"])
+                        _append_jsonl(
+                            metrics,
+                            dict(
+                                event="eval",
+                                step=state["step"],
+                                epoch=state["step"] / steps_per_epoch,
+                                elapsed_s=elapsed,
+                                **result,
+                                eval_time_s=time.perf_counter() - t_eval,
+                            ),
+                        )
+                        logger.info(
+                            "eval at step %d: clean %.4f, certified %s",
+                            state["step"],
+                            result["clean_accuracy"],
+                            result["certified_accuracy"],
+                        )
                         net.train()
                     if want_eval:
                         next_eval_s = (elapsed + cfg.eval_every_s) if cfg.eval_every_s else math.inf
@@ -505,67 +673,98 @@ def train(
             train_time = _broadcast_float(train_time, device)
         state["elapsed_s"] = train_time
         if not _all_finite(model):  # a divergence within the last guard window
-            model.load_state_dict(good["model"])
+            model.load_state_dict(good[-1]["model"])
             state["nan_restarts"] += 1
-            logger.warning("%s: non-finite weights after the last step; kept the last good state",
-                           cfg.method)
+            logger.warning(
+                "%s: non-finite weights after the last step; kept the last good state", cfg.method
+            )
         peak_mem, mem_kind = _peak_memory(device)
         checkpoint(train_time)
         if not dist_ctx.main:
             return RunResult(run_dir)
 
-        # Final evaluation on the exported, audited ONNX file.
-        from models.export import to_onnx
-
-        t_export = time.perf_counter()
+        # Final evaluation on the exported, audited ONNX file (or the audited plain network).
         epochs_done = state["step"] / steps_per_epoch
-        onnx_path = to_onnx(
-            copy.deepcopy(model).cpu(), run_dir / "model.onnx", input_shape=data.input_shape,
-            metadata=dict(dataset=cfg.dataset, classes=list(data.classes),
-                          train_time_s=train_time, epochs=epochs_done, steps=state["step"]),
+        final = _final_evaluation(
+            model,
+            data,
+            cfg,
+            run_dir,
+            device,
+            dict(train_time_s=train_time, epochs=epochs_done, steps=state["step"]),
         )
-        export_time = time.perf_counter() - t_export
-        t_eval = time.perf_counter()
-        acc, meta = evaluate_onnx(onnx_path, data.test_images, data.test_labels,
-                                  eps=cfg.eval_eps, batch=cfg.eval_batch_size,
-                                  cuda=device.type == "cuda")
-        eval_time = time.perf_counter() - t_eval
-        _add_onnx_metadata(onnx_path, dict(clean_accuracy=acc["clean_accuracy"],
-                                           certified_accuracy=acc["certified_accuracy"]))
+        acc = meta = final["accuracy"]
+        onnx_path = final["onnx"]
+        if onnx_path is not None:
+            meta = final["metadata"]
+        export_time, eval_time = final["export_time_s"], final["eval_time_s"]
         report: dict[str, Any] = dict(
-            method=cfg.method, size=cfg.size, dataset=cfg.dataset,
-            classes=list(data.classes), run_dir=str(run_dir),
-            clean_accuracy=acc["clean_accuracy"], certified_accuracy=acc["certified_accuracy"],
+            method=cfg.method,
+            size=cfg.size,
+            dataset=cfg.dataset,
+            classes=list(data.classes),
+            run_dir=str(run_dir),
+            clean_accuracy=acc["clean_accuracy"],
+            certified_accuracy=acc["certified_accuracy"],
             lipschitz_bound=meta["lipschitz_bound"],
             lipschitz_bound_body=meta["lipschitz_bound_body"],
             lipschitz_bound_head=meta["lipschitz_bound_head"],
-            lipschitz_lower=meta.get("lipschitz_lower"), certificate=meta["certificate"],
-            train_time_s=train_time, budget_s=cfg.budget_s, epochs=epochs_done,
-            steps=state["step"], steps_per_epoch=steps_per_epoch,
+            lipschitz_lower=meta.get("lipschitz_lower"),
+            certificate=meta["certificate"],
+            train_time_s=train_time,
+            budget_s=cfg.budget_s,
+            epochs=epochs_done,
+            steps=state["step"],
+            steps_per_epoch=steps_per_epoch,
             time_per_epoch_s=train_time / epochs_done if epochs_done else None,
             images_per_s=state["images"] / train_time if train_time > 0 else None,
-            peak_memory_bytes=peak_mem, peak_memory_kind=mem_kind, parameters=parameters,
-            device=str(device), world_size=dist_ctx.world, amp=amp, batch_size=cfg.batch_size,
-            lr=cfg.peak_lr, weight_decay=cfg.wd, seed=cfg.seed, nan_restarts=state["nan_restarts"],
-            final_lr_scale=state["lr_scale"], export_time_s=export_time, eval_time_s=eval_time,
-            onnx=str(onnx_path), weights_sha256=meta["weights_sha256"],
+            peak_memory_bytes=peak_mem,
+            peak_memory_kind=mem_kind,
+            parameters=parameters,
+            device=str(device),
+            world_size=dist_ctx.world,
+            amp=amp,
+            batch_size=cfg.batch_size,
+            lr=cfg.peak_lr,
+            weight_decay=cfg.wd,
+            seed=cfg.seed,
+            nan_restarts=state["nan_restarts"],
+            final_lr_scale=state["lr_scale"],
+            export_time_s=export_time,
+            eval_time_s=eval_time,
+            onnx=None if onnx_path is None else str(onnx_path),
+            weights_sha256=meta.get("weights_sha256"),
             torch_version=torch.__version__,
         )
-        _append_jsonl(metrics, dict(event="final", step=state["step"], elapsed_s=train_time,
-                                    clean_accuracy=report["clean_accuracy"],
-                                    certified_accuracy=report["certified_accuracy"]))
-        if cfg.store:
+        _append_jsonl(
+            metrics,
+            dict(
+                event="final",
+                step=state["step"],
+                elapsed_s=train_time,
+                clean_accuracy=report["clean_accuracy"],
+                certified_accuracy=report["certified_accuracy"],
+            ),
+        )
+        if cfg.store and onnx_path is not None:
             from training.store import save_to_store
 
             report["store_tag"] = save_to_store(onnx_path, report)
         (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        logger.info("%s %s on %s: clean %.4f, certified %s, bound %.6f, %.1f s, %s", cfg.method,
-                    cfg.size, cfg.dataset, report["clean_accuracy"], report["certified_accuracy"],
-                    report["lipschitz_bound"], train_time, report.get("store_tag", "not stored"))
+        logger.info(
+            "%s %s on %s: clean %.4f, certified %s, bound %.6f, %.1f s, %s",
+            cfg.method,
+            cfg.size,
+            cfg.dataset,
+            report["clean_accuracy"],
+            report["certified_accuracy"],
+            report["lipschitz_bound"],
+            train_time,
+            report.get("store_tag", "not stored"),
+        )
         return RunResult(run_dir, report)
     finally:
         if dist_ctx.active:
             dist.barrier()  # ranks > 0 wait for rank 0's export before the next run or exit
             if owns_group:
                 dist.destroy_process_group()
-

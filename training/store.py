@@ -60,7 +60,9 @@ def _plain(value: Any) -> Any:
     return None if value is None else str(value)
 
 
-def save_to_store(onnx_path: str | Path, report: Mapping[str, Any], *, home: str | Path | None = None) -> str:
+def save_to_store(
+    onnx_path: str | Path, report: Mapping[str, Any], *, home: str | Path | None = None
+) -> str:
     """Save an exported model to the BentoML model store.
 
     Args:
@@ -84,9 +86,17 @@ def save_to_store(onnx_path: str | Path, report: Mapping[str, Any], *, home: str
     if missing:
         raise ValueError(f"report lacks {', '.join(missing)}")
     dataset, method, size = (str(report[k]) for k in ("dataset", "method", "size"))
-    labels = {"method": method, "size": size, "dataset": dataset, LIPCERT_LABEL[0]: LIPCERT_LABEL[1]}
+    labels = {
+        "method": method,
+        "size": size,
+        "dataset": dataset,
+        LIPCERT_LABEL[0]: LIPCERT_LABEL[1],
+    }
     with bentoml.models.create(
-        model_name(dataset, method, size), labels=labels, metadata=_plain(dict(report)), **_store(home)
+        model_name(dataset, method, size),
+        labels=labels,
+        metadata=_plain(dict(report)),
+        **_store(home),
     ) as model:
         shutil.copyfile(onnx_path, model.path_of("model.onnx"))
     logger.info("saved %s to the BentoML model store", model.tag)
@@ -116,6 +126,9 @@ def list_store_models(*, home: str | Path | None = None) -> list[StoredModel]:
         labels = dict(model.info.labels)
         if labels.get(LIPCERT_LABEL[0]) != LIPCERT_LABEL[1]:
             continue
-        found.append(StoredModel(str(model.tag), Path(model.path_of("model.onnx")), labels,
-                                 dict(model.info.metadata)))
+        found.append(
+            StoredModel(
+                str(model.tag), Path(model.path_of("model.onnx")), labels, dict(model.info.metadata)
+            )
+        )
     return sorted(found, key=lambda m: m.tag)

@@ -11,13 +11,15 @@ from typing import Any
 from certify.radius import eps_key
 from training.config import EVAL_EPS
 
-_EPS_NAMES = {eps_key(e): n for e, n in zip(EVAL_EPS, ("36/255", "72/255", "108/255", "1.0"), strict=True)}
+_EPS_NAMES = {
+    eps_key(e): n for e, n in zip(EVAL_EPS, ("36/255", "72/255", "108/255", "1.0"), strict=True)
+}
 
 
 def _columns(reports: Sequence[Mapping[str, Any]]) -> list[str]:
     eps = []
     for r in reports:
-        for k in (r.get("certified_accuracy") or {}):
+        for k in r.get("certified_accuracy") or {}:
             if k not in eps:
                 eps.append(k)
     return eps
@@ -29,10 +31,21 @@ def comparison_rows(reports: Sequence[Mapping[str, Any]]) -> tuple[list[str], li
     Accuracies in percent with one decimal; times in seconds; memory in MiB.
     """
     eps = _columns(reports)
-    header = (["method", "size", "dataset", "clean %"]
-              + [f"CRA {_EPS_NAMES.get(k, k)} %" for k in eps]
-              + ["bound L", "certificate", "params", "train s", "epochs", "img/s", "peak MiB",
-                 "NaN restarts", "error"])
+    header = (
+        ["method", "size", "dataset", "clean %"]
+        + [f"CRA {_EPS_NAMES.get(k, k)} %" for k in eps]
+        + [
+            "bound L",
+            "certificate",
+            "params",
+            "train s",
+            "epochs",
+            "img/s",
+            "peak MiB",
+            "NaN restarts",
+            "error",
+        ]
+    )
     rows = []
     for r in reports:
         cra = r.get("certified_accuracy") or {}
@@ -44,14 +57,27 @@ def comparison_rows(reports: Sequence[Mapping[str, Any]]) -> tuple[list[str], li
             return "" if v is None else format(float(v), fmt)
 
         rows.append(
-            [str(r.get("method", "")), str(r.get("size", "")), str(r.get("dataset", "")),
-             pct(r.get("clean_accuracy"))]
+            [
+                str(r.get("method", "")),
+                str(r.get("size", "")),
+                str(r.get("dataset", "")),
+                pct(r.get("clean_accuracy")),
+            ]
             + [pct(cra.get(k)) for k in eps]
-            + [num(r.get("lipschitz_bound"), ".4f"), str(r.get("certificate", "")),
-               str(r.get("parameters", "")), num(r.get("train_time_s"), ".1f"),
-               num(r.get("epochs"), ".2f"), num(r.get("images_per_s"), ".0f"),
-               num(None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**20, ".0f"),
-               str(r.get("nan_restarts", "")), str(r.get("error", ""))]
+            + [
+                num(r.get("lipschitz_bound"), ".4f"),
+                str(r.get("certificate", "")),
+                str(r.get("parameters", "")),
+                num(r.get("train_time_s"), ".1f"),
+                num(r.get("epochs"), ".2f"),
+                num(r.get("images_per_s"), ".0f"),
+                num(
+                    None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**20,
+                    ".0f",
+                ),
+                str(r.get("nan_restarts", "")),
+                str(r.get("error", "")),
+            ]
         )
     return header, rows
 
