@@ -7,7 +7,8 @@ Sources, in order of precedence:
 - otherwise the BentoML model store: every model labelled ``lipcert=1``, its ``model.onnx``.
 
 A model is served only if all of these hold, else it is *refused* and the log says why:
-``models.export.verify`` passes (weights sha256 and lipcert metadata), the audited
+``models.export.verify`` passes (weights sha256, lipcert metadata, bounds consistent, graph
+input/output), the audited
 ``lipschitz_bound`` is present, finite, positive and at most ``1 + tolerance`` (a Standard,
 unconstrained network therefore is refused: DESIGN's rule, even though dividing by a larger
 bound would still give sound radii), the body bound (linear-head certificate) obeys the same
@@ -41,11 +42,21 @@ DEFAULT_EPS = 36 / 255
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where one candidate model lives: ``name`` (what clients pass), ONNX ``path``, store ``tag``."""
+    """Where one candidate model lives.
+
+    Attributes:
+        name: what clients pass as ``model``.
+        path: the ONNX file.
+        tag: the model store tag, if from the store.
+        report: the training report (the store model's metadata, or a ``report.json`` beside a
+            ``model.onnx``): clean and certified accuracy are measured after export, so they live
+            here rather than in the ONNX metadata.
+    """
 
     name: str
     path: Path
     tag: str | None = None
+    report: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,8 +179,18 @@ def discover_folder(folder: Path) -> list[ModelSource]:
     if not folder.is_dir():
         raise ModelRefused(f"LIPCERT_MODELS={str(folder)!r} is not a folder")
     found = [ModelSource(p.stem, p) for p in sorted(folder.glob("*.onnx"))]
-    found += [ModelSource(p.parent.name, p) for p in sorted(folder.glob("*/model.onnx"))]
+    found += [ModelSource(p.parent.name, p, report=_read_report(p.parent / "report.json"))
+              for p in sorted(folder.glob("*/model.onnx"))]
     return found
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """A run's ``report.json`` if there is a readable one, else ``{}``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def discover_store() -> list[ModelSource]:
@@ -181,7 +202,7 @@ def discover_store() -> list[ModelSource]:
         if model.info.labels.get("lipcert") != "1":
             continue
         sources.append(ModelSource(str(model.tag), Path(model.path_of("model.onnx")),
-                                   tag=str(model.tag)))
+                                   tag=str(model.tag), report=dict(model.info.metadata)))
     return sorted(sources, key=lambda s: s.name)
 
 
@@ -224,7 +245,8 @@ def _certified_accuracy(meta: Mapping[str, Any]) -> dict[str, float]:
     data = _json(meta, "certified_accuracy")
     if not isinstance(data, Mapping):
         return {}
-    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))}
+    return {str(k): float(v) for k, v in data.items()
+            if k != "clean" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -285,41 +307,27 @@ def load_model(source: ModelSource, options: LoadOptions) -> ServedModel:
     """
     import onnxruntime as ort
 
-    from models.export import read_metadata, verify
+    from models.export import ModelVerificationError, certificate_kwargs, verify
 
     path = source.path
-    if not path.is_file():
-        raise ModelRefused(f"{path} does not exist")
     try:
-        verify(path)
-    except Exception as exc:  # verify's own error types are its business; any failure refuses
+        meta = dict(verify(path))  # hash, metadata, bounds, certificate, graph I/O
+    except ModelVerificationError as exc:
         raise ModelRefused(f"verification failed: {exc}") from None
-    meta = dict(read_metadata(path))
-    if str(meta.get("method", "")) == "":
-        raise ModelRefused("metadata has no method")
     audited = _check_bound("lipschitz_bound", _float(meta, "lipschitz_bound"),
                            options.bound_tolerance)
     body = _float(meta, "lipschitz_bound_body")
     head = _float(meta, "lipschitz_bound_head")
-    certificate = str(meta.get("certificate", "generic"))
-    head_distances = None
-    bound = audited
-    if certificate != "generic":
-        dist = _json(meta, "head_distances")
-        if dist is None:
-            raise ModelRefused(f"certificate {certificate!r} needs metadata head_distances")
-        head_distances = np.asarray(dist, dtype=np.float64)
-        bound = _check_bound("lipschitz_bound_body", body, options.bound_tolerance)
-    classes = _json(meta, "classes")
-    shape = _json(meta, "input_shape")
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise ModelRefused(f"metadata classes {classes!r} is not a list of >= 2 names")
-    if not isinstance(shape, list) or len(shape) not in (3, 4):
-        raise ModelRefused(f"metadata input_shape {shape!r} is not [C, H, W] or [N, C, H, W]")
-    shape = tuple(int(s) for s in shape[-3:])
-    if head_distances is not None and head_distances.shape != (len(classes), len(classes)):
-        raise ModelRefused(f"head_distances has shape {head_distances.shape} for "
-                           f"{len(classes)} classes")
+    certificate = str(meta["certificate"])
+    kwargs = certificate_kwargs(meta)
+    bound = _check_bound("certificate bound", float(kwargs["lipschitz_bound"]),
+                         options.bound_tolerance)
+    head_distances = kwargs.get("head_distances")
+    classes = list(meta["classes"])
+    shape = tuple(int(s) for s in meta["input_shape"])
+    if len(shape) != 3:
+        raise ModelRefused(f"metadata input_shape {list(shape)} is not [C, H, W]")
+    accuracy = {**meta, **dict(source.report)}  # the report's measured numbers win
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = options.intra_op_threads
@@ -335,18 +343,19 @@ def load_model(source: ModelSource, options: LoadOptions) -> ServedModel:
     if len(inputs) != 1 or [d for d in inputs[0].shape[1:]] != list(shape):
         raise ModelRefused(f"ONNX input {[i.shape for i in inputs]} does not match "
                            f"input_shape {list(shape)}")
-    import onnx
+    parameters = _float(accuracy, "parameters")
+    if parameters is None:  # count the exported weights
+        import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    parameters = int(_float(meta, "parameters") or sum(
-        int(np.prod(init.dims)) for init in graph.initializer))
+        graph = onnx.load(str(path), load_external_data=False).graph
+        parameters = sum(int(np.prod(init.dims)) for init in graph.initializer)
     served = ServedModel(
         name=source.name, path=path, tag=source.tag, method=str(meta["method"]),
         size=str(meta.get("size", "")), dataset=str(meta.get("dataset", "")),
         classes=[str(c) for c in classes], input_shape=shape, certificate=certificate,
         lipschitz_bound=bound, audited_bound=audited, body_bound=body, head_bound=head,
-        head_distances=head_distances, clean_accuracy=_float(meta, "clean_accuracy"),
-        certified_accuracy=_certified_accuracy(meta), parameters=parameters,
+        head_distances=head_distances, clean_accuracy=_float(accuracy, "clean_accuracy"),
+        certified_accuracy=_certified_accuracy(accuracy), parameters=int(parameters),
         onnx_bytes=path.stat().st_size, metadata=meta, session=session,
         input_name=inputs[0].name, provider=session.get_providers()[0],
     )

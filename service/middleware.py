@@ -25,7 +25,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def _json_response(status: int, message: str) -> tuple[Message, Message]:
-    body = json.dumps({"error": one_line(message)}).encode()
+    body = json.dumps({"error": one_line(message)}, ensure_ascii=False).encode()
     start = {
         "type": "http.response.start",
         "status": status,

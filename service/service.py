@@ -65,6 +65,9 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 64
 MAX_LATENCY_MS = 1000
 
+# ``/certify``'s default for ``image`` (a pydantic field, so no list is shared between calls)
+_NO_FILES = Field(default_factory=list)
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -252,7 +255,7 @@ class LipCert:
         self,
         eps: float,
         # a list, not Optional[Path]: BentoML 1.4.39 cannot build a file field from a union
-        image: list[Path] = Field(default_factory=list),
+        image: list[Path] = _NO_FILES,
         images: list[Any] | None = None,
         models: list[str] | str | None = None,
     ) -> CertifyResponse:

@@ -14,16 +14,19 @@ from typing import Any
 from training.data import DATASETS
 
 #: Peak one-cycle learning rate per method: the comparison paper's best CIFAR-10 XS values
-#: (Prach et al., CVPR 2024, tables in the appendix); Standard is ours.
+#: (Prach et al., CVPR 2024, tables in the appendix). Standard is ours: plain cross-entropy
+#: without any norm constraint diverged at 5e-2 on digits (with an orthogonal init), 1e-2 trained.
 DEFAULT_LR: dict[str, float] = {
-    "aol": 6e-2,
+    # The paper's CIFAR-10 XS value, 6e-2, collapsed AOL XS on Fashion-MNIST to chance on an H100
+    # (10.0 % clean, bf16 and fp32 alike, 40 s budget); 1e-2 reached 75.4 % / 67.4 % CRA@36.
+    "aol": 1e-2,
     "bcop": 7e-3,
     "cayley": 2e-2,
     "cpl": 3e-2,
     "lot": 8e-2,
     "sll": 9e-2,
     "soc": 5e-2,
-    "standard": 5e-2,
+    "standard": 1e-2,
 }
 #: Weight decay per method (the paper searched 4e-6 … 3e-4); 5e-5 is mid-range for all.
 DEFAULT_WEIGHT_DECAY: dict[str, float] = {m: 5e-5 for m in DEFAULT_LR}
