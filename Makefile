@@ -5,7 +5,11 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test lint serve clean
+.PHONY: install data test lint serve default-model clean
+
+# The embedded default: a CPU-sized AOL network on Fashion-MNIST, two minutes of training.
+DEFAULT_TRAIN := --method aol --size xxs --dataset fashion-mnist --budget 2m
+PORT ?= 3000
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +28,19 @@ data:
 
 test: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+# Train the default model once, only when the BentoML store holds no lipcert model yet.
+default-model: install
+	@if $(BIN)/python -c "import sys; from training.store import list_store_models; sys.exit(0 if list_store_models() else 1)"; then \
+	  echo "lipcert models in the store: serving them"; \
+	else \
+	  echo "no lipcert model in the store: training the default ($(DEFAULT_TRAIN))"; \
+	  OMP_NUM_THREADS=2 $(BIN)/python -m training $(DEFAULT_TRAIN); \
+	fi
+
+# The main job: serve every lipcert model (prediction + certified L2 radius) on http://127.0.0.1:$(PORT)
+serve: default-model
+	$(BIN)/bentoml serve --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .
