@@ -17,6 +17,7 @@ For each method and size the LipNet of :func:`models.create_model` is measured w
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -182,7 +183,7 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
     per_image = f2 - f1
     row["flops_train_gflop"] = (f1 + (cfg.batch - 1) * per_image) / 1e9
     row["flops_param_gflop"] = max(f1 - per_image, 0) / 1e9
-    plain = model.export().eval()
+    plain = model.export().to(dev).eval()  # plain buffers are built on the CPU
     with torch.no_grad():
         row["flops_infer_gflop"] = count_flops(
             lambda: plain(torch.rand(1, *cfg.input_shape, device=dev))
@@ -218,8 +219,10 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
     # ONNX Runtime on the exported model.
     onnx_path = None
     if cfg.onnx:
+        # Export from a CPU copy: the exporter's tracing and audit run on the CPU.
         onnx_path, row["exporter"] = export_onnx(
-            model, cfg.out / "onnx" / f"{method}-{size}.onnx", input_shape=cfg.input_shape,
+            copy.deepcopy(model).cpu(), cfg.out / "onnx" / f"{method}-{size}.onnx",
+            input_shape=cfg.input_shape,
             metadata=dict(method=method, size=size),
         )
         session = ort_session(onnx_path, device=dev)
