@@ -223,7 +223,7 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
         onnx_path, row["exporter"] = export_onnx(
             copy.deepcopy(model).cpu(), cfg.out / "onnx" / f"{method}-{size}.onnx",
             input_shape=cfg.input_shape,
-            metadata=dict(method=method, size=size),
+            metadata={"dataset": "bench"},
         )
         session = ort_session(onnx_path, device=dev)
         rng = np.random.default_rng(0)

@@ -1,0 +1,70 @@
+"""Audit: proven per-layer bounds are upper bounds of the exact norms, tight where exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from certify.audit import audit, layer_bound
+from lipschitz_utils import jacobian_matrix
+from models import plain
+from models.registry import create_layer, list_methods
+
+SHAPE = (4, 8, 8)
+#: Methods whose exported layer is a circular convolution, audited exactly.
+EXACT = ("aol", "bcop", "standard")
+#: Residual (nonlinear) layers: compare with Jacobian norms at random points.
+RESIDUAL = ("cpl", "sll")
+
+
+def exported(method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = create_layer(method, 4, 3)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.zeros((1, *SHAPE)))  # size-dependent layers (Cayley, LOT) learn the input size
+        return layer.export().eval()
+
+
+def audited_bound(module: torch.nn.Module) -> float:
+    try:
+        return layer_bound(module, SHAPE)[0]
+    except TypeError:  # a Sequential of leaves: the audit multiplies their rules
+        return audit(module, SHAPE, lower=False).bound
+
+
+def jacobian_norm(module: torch.nn.Module, x: torch.Tensor) -> float:
+    import copy
+
+    return float(torch.linalg.matrix_norm(jacobian_matrix(copy.deepcopy(module), x), ord=2))
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_bound_is_upper_bound(method):
+    module = exported(method)
+    bound = audited_bound(module)
+    gen = torch.Generator().manual_seed(1)
+    points = 3 if method in RESIDUAL else 1
+    norms = [jacobian_norm(module, torch.randn((1, *SHAPE), generator=gen)) for _ in range(points)]
+    assert bound >= max(norms) * (1 - 1e-9)
+    if method in EXACT:
+        assert bound == pytest.approx(norms[0], abs=1e-3)
+
+
+@pytest.mark.parametrize("method", EXACT)
+def test_scaled_weight_scales_bound(method):
+    module = exported(method)
+    before = audited_bound(module)
+    convs = [m for m in module.modules() if isinstance(m, (plain.CircularConv2d, torch.nn.Conv2d))]
+    assert convs
+    with torch.no_grad():
+        convs[0].weight.mul_(3.0)
+    after = audited_bound(module)
+    assert after >= 3 * before * (1 - 1e-6)  # float32 weights: the product rounds
+    x = torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(2))
+    assert after >= jacobian_norm(module, x) * (1 - 1e-9)
+
+
+def test_unknown_layer_refused():
+    with pytest.raises(TypeError, match="no Lipschitz rule"):
+        layer_bound(torch.nn.Tanh(), SHAPE)
