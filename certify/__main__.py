@@ -40,7 +40,7 @@ def _curve(logits: np.ndarray, labels: np.ndarray, kwargs: dict, path: Path) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [[float(e), c] for e, c in zip(eps, cra)]
+    return [[float(e), c] for e, c in zip(eps, cra, strict=True)]
 
 
 def _audit(path: Path, session: Any = None) -> Any:
@@ -75,11 +75,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     x = images.numpy().astype(np.float32) / 255.0
     y = labels.numpy()
     logits = np.concatenate(
-        [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
+        [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 256]})[0]
+         for i in range(0, len(x), 256)]
     )
     kwargs = certificate_kwargs(meta)
     acc = certified_accuracy(logits, y, STANDARD_EPS, **kwargs)
-    print(f"model        {path}  ({meta['method']} {meta['size']}, {meta['certificate']} certificate)")
+    kind = f"{meta['method']} {meta['size']}, {meta['certificate']} certificate"
+    print(f"model        {path}  ({kind})")
     print(f"points       {len(y)} ({args.dataset} test)")
     print(f"clean        {acc['clean']:.4f}")
     print("eps          CRA")
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ModelVerificationError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -84,7 +84,13 @@ def attack_check(
     """
     from certify.radius import certified_radius
     from models.export import (
-        INPUT_NAME, OUTPUT_NAME, _decode, _load_onnx_proto, _session, certificate_kwargs, load_twin,
+        INPUT_NAME,
+        OUTPUT_NAME,
+        _decode,
+        _load_onnx_proto,
+        _session,
+        certificate_kwargs,
+        load_twin,
         verify,
     )
 
@@ -163,7 +169,8 @@ def attack_check(
         min_margin_left=float(margin_left.min()),
     )
     if out["flipped"]:
-        logger.warning("%s: %d certified points flipped inside their radius", onnx_path, out["flipped"])
+        logger.warning("%s: %d certified points flipped inside their radius",
+                       onnx_path, out["flipped"])
     return out
 
 

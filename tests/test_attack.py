@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from certify.attack import attack_check
-from models.registry import create_model
 from models.export import to_onnx
+from models.registry import create_model
 from training.data import load_dataset
 
 
@@ -55,7 +54,8 @@ def test_no_flips_on_sound_model(trained):
 def test_flips_when_weights_outgrow_the_bound(trained, tmp_path):
     path, data = trained
     proto = onnx.load(str(path))
-    head = [t for t in proto.graph.initializer if t.name.startswith("head") and t.name.endswith("weight")]
+    head = [t for t in proto.graph.initializer
+            if t.name.startswith("head") and t.name.endswith("weight")]
     assert head, [t.name for t in proto.graph.initializer]
     for t in head:
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 3.0, t.name))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lipschitz_utils import jacobian_matrix
 
 from certify.audit import audit, layer_bound
-from lipschitz_utils import jacobian_matrix
 from models import plain
 from models.registry import create_layer, list_methods
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_attack import train_digits_model
 
 from certify.__main__ import main
 from certify.radius import certified_accuracy
 from models.export import certificate_kwargs, load_onnx, to_onnx
-from test_attack import train_digits_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,13 @@ import torch
 from onnx import numpy_helper
 
 from models.export import (
-    METADATA_KEYS, ModelVerificationError, load_onnx, load_twin, read_metadata, to_onnx, verify,
+    METADATA_KEYS,
+    ModelVerificationError,
+    load_onnx,
+    load_twin,
+    read_metadata,
+    to_onnx,
+    verify,
 )
 from models.registry import create_model, list_methods
 
@@ -20,7 +26,8 @@ CLASSES = [str(i) for i in range(10)]
 def test_export_roundtrip(method, tmp_path):
     torch.manual_seed(0)
     model = create_model(method, "xxs", 1, 10, 8).eval()
-    path = to_onnx(model, tmp_path / f"{method}.onnx", metadata=dict(dataset="digits", classes=CLASSES))
+    meta_in = dict(dataset="digits", classes=CLASSES)
+    path = to_onnx(model, tmp_path / f"{method}.onnx", metadata=meta_in)
     onnx.checker.check_model(str(path), full_check=True)
     meta = read_metadata(path)
     for key in ("method", "dataset", "classes", "lipschitz_bound", "weights_sha256", "certificate",
@@ -61,6 +68,7 @@ def test_verify_refuses_non_lipcert(tmp_path):
     node = onnx.helper.make_node("Identity", ["image"], ["logits"])
     vi = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 2])
     vo = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 2])
-    onnx.save_model(onnx.helper.make_model(onnx.helper.make_graph([node], "g", [vi], [vo])), str(plain))
+    graph = onnx.helper.make_graph([node], "g", [vi], [vo])
+    onnx.save_model(onnx.helper.make_model(graph), str(plain))
     with pytest.raises(ModelVerificationError, match="no lipcert metadata"):
         verify(plain)

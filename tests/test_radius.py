@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from certify.radius import (
-    STANDARD_EPS, certified_accuracy, certified_radius, eps_key, float_slack, head_row_distances,
+    STANDARD_EPS,
+    certified_accuracy,
+    certified_radius,
+    eps_key,
+    float_slack,
+    head_row_distances,
 )
 
 
@@ -91,7 +96,8 @@ def test_head_certificate_hand_computed():
 
 
 def test_slack_is_tiny_and_positive():
-    s = float_slack(torch.tensor([10.0], dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64))
+    f64 = torch.float64
+    s = float_slack(torch.tensor([10.0], dtype=f64), torch.tensor([-3.0], dtype=f64))
     assert 0 < float(s) < 1e-2
 
 
