@@ -202,7 +202,10 @@ class _Progress:
 
     def finish(self, report: dict[str, Any]) -> None:
         """Show the finished run (the last update may be up to ``guard_every`` steps old)."""
-        self.bar.n = round(report["train_time_s"], 1) if self.budget else report["steps"]
+        # Clamp: tqdm drops ``total`` (and our bar format with it) once n passes total + 0.5.
+        self.bar.n = (
+            round(min(report["train_time_s"], self.bar.total), 1) if self.budget else report["steps"]
+        )
         self.bar.refresh()
 
     def close(self) -> None:
