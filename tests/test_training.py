@@ -15,7 +15,7 @@ from certify import certified_accuracy
 from models.export import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, verify
 from training import TrainConfig, list_store_models, load_dataset, train
 from training.cli import main
-from training.config import DEFAULT_LR, EVAL_EPS
+from training.config import DEFAULT_LR, DEFAULT_LR_BY_SIZE, EVAL_EPS
 from training.store import model_name
 
 BUDGET_S = 1.0
@@ -55,7 +55,8 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "model.onnx", "report.json"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
-    assert config["lr"] == DEFAULT_LR[method] and config["method"] == method
+    expected_lr = DEFAULT_LR_BY_SIZE.get((method, "xxs"), DEFAULT_LR[method])
+    assert config["lr"] == expected_lr and config["method"] == method
     assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
     events = [
         json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()
