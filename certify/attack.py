@@ -57,6 +57,7 @@ def attack_check(
     max_points: int | None = None,
     verify_hash: bool = True,
     seed: int = 0,
+    radii: Any = None,
 ) -> dict[str, Any]:
     """Try to flip certified predictions with PGD inside their certified L2 balls.
 
@@ -72,6 +73,8 @@ def attack_check(
         verify_hash: check the file with :func:`models.export.verify` first; ``False`` only to
             test the check itself on a deliberately tampered file.
         seed: seed of the random starts.
+        radii: optional ``(N,)`` radii to check instead of the file's stored certificate (e.g.
+            :func:`certify.curvature.curvature_radius` of a CRC-Lip model).
 
     Returns:
         ``{"points", "certified", "attacked", "flipped", "max_relative_norm", "min_margin_left"}``:
@@ -108,7 +111,12 @@ def attack_check(
 
     x_all = _as_float_images(images)
     (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x_all})
-    radius = certified_radius(logits, **certificate_kwargs(meta))
+    if radii is None:
+        radius = certified_radius(logits, **certificate_kwargs(meta))
+    else:
+        radius = np.asarray(radii.detach().cpu() if torch.is_tensor(radii) else radii, dtype=np.float64)
+        if radius.shape != (len(x_all),):
+            raise ValueError(f"radii must have shape ({len(x_all)},), got {radius.shape}")
     pred = logits.argmax(axis=1)
     chosen = radius > 0
     if labels is not None:

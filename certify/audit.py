@@ -101,8 +101,11 @@ class AuditResult:
         body_bound, head_bound: products over the body's and the head's layers.
         bound: ``body_bound * head_bound``, the whole network's upper bound.
         certificate: ``"linear_head"`` when the head is an affine map (its rows are in
-            ``head_rows``), else ``"generic"``.
+            ``head_rows``), ``"pairwise"`` when the head proves a Lipschitz constant for each
+            logit difference (``pairwise_lipschitz()``, the CRC-Lip head), else ``"generic"``.
         head_rows: ``(num_classes, d)`` float64 rows of the affine head, or None.
+        head_pairs: ``(num_classes, num_classes)`` float64 Lipschitz constants of ``z_i − z_j``
+            as functions of the body output (row distances for a linear head), or None.
         lower: power-iteration lower estimate of the whole network (None if not computed).
         body_lower: the same for the body.
     """
@@ -114,8 +117,15 @@ class AuditResult:
     bound: float
     certificate: str
     head_rows: np.ndarray | None = field(default=None, repr=False)
+    head_pairs: np.ndarray | None = field(default=None, repr=False)
     lower: float | None = None
     body_lower: float | None = None
+
+    def certificate_kwargs(self) -> dict:
+        """Keyword arguments of :func:`certify.certified_radius` for this certificate."""
+        if self.head_pairs is not None:
+            return dict(lipschitz_bound=self.body_bound, head_distances=self.head_pairs)
+        return dict(lipschitz_bound=self.bound)
 
     def table(self) -> str:
         """The per-layer table as aligned plain text."""
@@ -479,8 +489,12 @@ def head_rows(head: nn.Module, input_shape: tuple[int, ...]) -> np.ndarray:
 def _is_affine_head(leaves: list[tuple[str, nn.Module]]) -> bool:
     affine = _affine_types()
     linear_glue = (blocks.FirstChannels, blocks.Flatten, nn.Flatten, nn.Identity)
-    return all(type(m) in affine or type(m) in linear_glue for _, m in leaves) and any(
-        type(m) in affine for _, m in leaves
+    # A plain head may declare itself affine (``affine = True``, e.g. the LLN head).
+    def is_affine(m: nn.Module) -> bool:
+        return type(m) in affine or getattr(m, "affine", False) is True
+
+    return all(is_affine(m) or type(m) in linear_glue for _, m in leaves) and any(
+        is_affine(m) for _, m in leaves
     )
 
 
@@ -541,14 +555,24 @@ def audit(
     body_bound = math.prod(r.bound for r in rows if r.part == "body")
     head_bound = math.prod(r.bound for r in rows if r.part == "head")
     head_leaves = [(n, m) for p, n, m in leaves if p == "head"]
-    certificate, rows_w = "generic", None
+    certificate, rows_w, pairs = "generic", None, None
     if len(parts) == 2 and _is_affine_head(head_leaves):
+        from certify.radius import head_row_distances
+
         head_in = shapes[id(head_leaves[0][1])]
         rows_w = head_rows(names["head"], head_in)
+        pairs = head_row_distances(rows_w).numpy()
         certificate = "linear_head"
+    elif len(parts) == 2 and len(head_leaves) == 1 and callable(
+        getattr(head_leaves[0][1], "pairwise_lipschitz", None)
+    ):
+        pairs = np.asarray(head_leaves[0][1].pairwise_lipschitz(), dtype=np.float64)
+        if not np.isfinite(pairs).all() or (pairs < 0).any():
+            raise AuditError(f"{head_leaves[0][0]}: pairwise_lipschitz() is not finite and >= 0")
+        certificate = "pairwise"
     result = AuditResult(
         input_shape=shape, rows=rows, body_bound=body_bound, head_bound=head_bound,
-        bound=body_bound * head_bound, certificate=certificate, head_rows=rows_w,
+        bound=body_bound * head_bound, certificate=certificate, head_rows=rows_w, head_pairs=pairs,
     )
     if lower:
         result.lower = power_iteration_lower(model, shape, steps=lower_steps, points=lower_points)

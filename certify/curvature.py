@@ -26,6 +26,7 @@ service serves: an exported CRC-Lip model is audited with the generic bound ``L_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,4 +141,45 @@ def curvature_radius(
     return torch.where(ok, r / float(lipschitz_bound), torch.zeros_like(r))
 
 
-__all__ = ["CurvatureBounds", "curvature_bounds", "curvature_radius"]
+@torch.no_grad()
+def curvature_certified_accuracy(
+    plain: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: Sequence[float],
+    *,
+    body_bound: float,
+    batch: int = 1000,
+) -> dict[str, float]:
+    """Certified accuracy with the curvature certificate of a plain body + CRC-Lip network.
+
+    Args:
+        plain: ``Sequential(body=..., head=Sequential(head=PlainCRCHead))`` (``LipNet.export()``).
+        images: ``(N, C, H, W)`` images, uint8 (scaled by 1/255) or float in [0, 1].
+        labels: ``(N,)`` labels.
+        eps: radii.
+        body_bound: the audited body bound ``L_b``.
+        batch: evaluation batch size.
+
+    Returns:
+        ``{eps_key: fraction}``: correct and certified at each radius.
+    """
+    from certify.radius import eps_key
+
+    head = plain.head.head
+    bounds = curvature_bounds(head)
+    radii, correct = [], []
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch].float()
+        if images.dtype == torch.uint8:
+            x = x / 255
+        h = plain.body(x)
+        radius = curvature_radius(h, head, body_bound, bounds=bounds)
+        logits = head(h)
+        radii.append(radius)
+        correct.append(logits.argmax(1).cpu() == labels[start : start + batch].cpu())
+    r, ok = torch.cat(radii), torch.cat(correct)
+    return {eps_key(e): float(((r > e) & ok).double().mean()) for e in eps}
+
+
+__all__ = ["CurvatureBounds", "curvature_bounds", "curvature_certified_accuracy", "curvature_radius"]

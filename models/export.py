@@ -63,7 +63,9 @@ _STRING_KEYS = {
     "lipcert_format", "method", "size", "dataset", "certificate", "weights_sha256",
     "torch_version", "onnx_version", "onnxruntime_version",
 }
-CERTIFICATES = ("generic", "linear_head")
+CERTIFICATES = ("generic", "linear_head", "pairwise")
+#: Certificates that divide by the body bound and use the ``head_distances`` matrix.
+HEAD_CERTIFICATES = ("linear_head", "pairwise")
 
 
 class ExportError(RuntimeError):
@@ -175,7 +177,8 @@ def verify(path: str | Path, *, max_bound: float | None = None) -> dict[str, Any
 
     Checks: the lipcert format version, the required keys, the weights hash against the file's
     weights, bounds finite and positive with ``whole >= body · head``, a known certificate kind
-    (with a ``num_classes × num_classes`` ``head_distances`` for ``linear_head``), and the graph's
+    (with a ``num_classes × num_classes`` ``head_distances`` for ``linear_head`` and
+    ``pairwise``), and the graph's
     input/output names and shape against ``input_shape``.
 
     Args:
@@ -219,7 +222,7 @@ def verify(path: str | Path, *, max_bound: float | None = None) -> dict[str, Any
         raise fail(f"classes must be a JSON list of >= 2 names, got {classes!r}")
     if meta["certificate"] not in CERTIFICATES:
         raise fail(f"unknown certificate {meta['certificate']!r}; choose from {', '.join(CERTIFICATES)}")
-    if meta["certificate"] == "linear_head":
+    if meta["certificate"] in HEAD_CERTIFICATES:
         dist = np.asarray(meta.get("head_distances"), dtype=np.float64)
         if dist.shape != (len(classes), len(classes)) or not np.isfinite(dist).all() or (dist < 0).any():
             raise fail(f"head_distances must be a {len(classes)}x{len(classes)} non-negative matrix")
@@ -235,9 +238,10 @@ def verify(path: str | Path, *, max_bound: float | None = None) -> dict[str, Any
 def certificate_kwargs(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`certify.certified_radius` for a model's metadata.
 
-    ``linear_head``: the body bound and the head's row distances; ``generic``: the whole bound.
+    ``linear_head`` and ``pairwise``: the body bound and the head's ``head_distances`` (row
+    distances, or Lipschitz constants of the logit differences); ``generic``: the whole bound.
     """
-    if meta["certificate"] == "linear_head":
+    if meta["certificate"] in HEAD_CERTIFICATES:
         return dict(
             lipschitz_bound=float(meta["lipschitz_bound_body"]),
             head_distances=np.asarray(meta["head_distances"], dtype=np.float64),
@@ -369,10 +373,8 @@ def to_onnx(
         "onnxruntime_version": onnxruntime.__version__,
         "opset": OPSET,
     }
-    if result.certificate == "linear_head":
-        from certify.radius import head_row_distances
-
-        props["head_distances"] = head_row_distances(result.head_rows).tolist()
+    if result.head_pairs is not None:
+        props["head_distances"] = np.asarray(result.head_pairs, dtype=np.float64).tolist()
     props.update(extra)
     del proto.metadata_props[:]
     for key, value in props.items():
@@ -467,7 +469,7 @@ def load_twin(path: str | Path, *, session: Any = None) -> nn.Module:
 
 
 __all__ = [
-    "CERTIFICATES", "ExportError", "LIPCERT_FORMAT", "METADATA_KEYS", "ModelVerificationError",
+    "CERTIFICATES", "ExportError", "HEAD_CERTIFICATES", "LIPCERT_FORMAT", "METADATA_KEYS", "ModelVerificationError",
     "OPSET", "PARITY_ATOL", "certificate_kwargs", "load_onnx", "load_twin", "read_metadata",
     "to_onnx", "to_plain", "verify", "weights_sha256",
 ]

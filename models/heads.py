@@ -10,10 +10,9 @@
   ``affine = True`` and ``rows`` expose the head rows to the audit and the exporter.
 - **CRC-Lip**: Singla & Feizi, "Improved techniques for deterministic l2 robustness", NeurIPS
   2022, arXiv:2211.08453. A one-hidden-layer MLP ``z = W₂ softplus(W₁h + b₁) + b₂`` over the
-  1-Lipschitz body, certified through curvature bounds of ``z_y − z_j`` (see
-  :mod:`certify.curvature`). Guarantee of the plain form: Lipschitz bound ``‖W₂‖₂·‖W₁‖₂`` (softplus
-  is 1-Lipschitz), which is what the generic audit uses; the tighter curvature certificate needs
-  the features and lives in :mod:`certify.curvature`.
+  1-Lipschitz body. Served certificate (``pairwise``, logits only): each difference ``z_y − z_j``
+  is ``‖W₁‖₂·‖w²_y − w²_j‖``-Lipschitz in the features. The paper's curvature certificate, which
+  needs the features, is :mod:`certify.curvature` (python, not the ONNX service).
 
 Both heads take the body output ``(B, d, 1, 1)`` (or ``(B, d)``) and flatten it.
 """
@@ -102,47 +101,89 @@ class PlainLLNHead(nn.Module):
 
 
 class CRCHead(nn.Module):
-    """CRC-Lip head: ``Linear(d, hidden) → softplus → Linear(hidden, classes)``.
+    """CRC-Lip head: ``Linear(d, hidden) → softplus → Linear(hidden, classes)``, normalized.
+
+    Departure from the paper (whose MLP weights are free and whose loss uses the certificates):
+    ``W₁`` is divided by its spectral norm and ``W₂`` has unit rows (as LLN), so every logit
+    difference is ``‖w²_y − w²_j‖ ≤ 2``-Lipschitz in the features and the offset cross-entropy of
+    :mod:`training.loss` trains margins on the scale the certificates use. In training ``‖W₁‖₂``
+    is a power-iteration estimate (one step per forward on a persistent vector, like the paper's
+    code); :meth:`export` divides by the exact norm, and the audit recomputes every bound from the
+    exported weights anyway, so the estimate only affects training.
 
     Args:
         in_features: feature width ``d``.
         num_classes: number of logits.
         hidden: hidden width (default ``d``, as the paper's code).
+        init_iters: power-iteration steps that initialize the persistent vector.
     """
 
-    def __init__(self, in_features: int, num_classes: int, *, hidden: int | None = None) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, *, hidden: int | None = None, init_iters: int = 50
+    ) -> None:
         super().__init__()
         hidden = in_features if hidden is None else hidden
         if hidden < 1:
             raise ValueError(f"hidden must be positive, got {hidden!r}")
         self.linear1 = nn.Linear(in_features, hidden)
         self.linear2 = nn.Linear(hidden, num_classes)
+        with torch.no_grad():
+            v = F.normalize(torch.randn(in_features), dim=0)
+            for _ in range(init_iters):
+                v = F.normalize(self.linear1.weight.T @ (self.linear1.weight @ v), dim=0)
+        self.register_buffer("v", v)
+
+    def normalized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W₁/σ, Ŵ₂)``: ``σ`` estimated in training (vector updated), exact in eval."""
+        w1 = self.linear1.weight
+        if self.training:
+            with torch.no_grad():
+                v = F.normalize(w1.T @ (w1 @ self.v), dim=0)
+                self.v.copy_(v)
+            sigma = (w1 @ v).norm()
+        else:
+            sigma = torch.linalg.matrix_norm(w1.double(), ord=2).to(w1)
+        return w1 / sigma, F.normalize(self.linear2.weight, dim=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.softplus(self.linear1(h.flatten(1)), beta=CRC_BETA))
+        w1, w2 = self.normalized_weights()
+        # Centered softplus (0 at 0): without the constant log(2)/β every hidden unit starts at
+        # the same offset, which W₂ turns into large fixed class biases that training must first
+        # unlearn (measured: chance accuracy for longer). The constant is folded into b₂ at export.
+        hidden = F.softplus(F.linear(h.flatten(1), w1, self.linear1.bias), beta=CRC_BETA)
+        return F.linear(hidden - math.log(2) / CRC_BETA, w2, self.linear2.bias)
 
     def curvature_penalty(self) -> torch.Tensor:
-        """A differentiable surrogate of the curvature bounds, ``(β/4)·‖W₁‖_F²·max_j ‖w²_j‖∞·2``.
+        """The curvature regularizer: an upper bound of every pair's lower-curvature bound.
 
-        An upper bound of every pair's curvature bound (used to keep them small in training, as
-        the paper's curvature regularizer does); cheap and never an estimate from below.
+        ``m_yj = (β/4)‖diag(√v⁻)W₁‖² ≤ (β/4)·‖W₁‖²·max_k v⁻_k`` with ``v = ŵ²_y − ŵ²_j``; with
+        the normalized ``W₁`` this is ``(β/4)·max_{y,j,k} (ŵ²_j − ŵ²_y)_k``. Differentiable and
+        never below the true bound (the paper regularizes its own curvature estimates).
         """
-        w1, w2 = self.linear1.weight, self.linear2.weight
-        return (CRC_BETA / 4) * w1.pow(2).sum() * 2 * w2.abs().amax()
+        _, w2 = self.normalized_weights()
+        diff = w2[None, :, :] - w2[:, None, :]  # (y, j, k): ŵ²_j − ŵ²_y
+        return (CRC_BETA / 4) * diff.clamp(min=0).amax()
 
     @torch.no_grad()
     def export(self) -> nn.Module:
-        return PlainCRCHead(self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        w1 = self.linear1.weight.double()
+        w1 = w1 / torch.linalg.matrix_norm(w1, ord=2)
+        w2 = F.normalize(self.linear2.weight.double(), dim=1)
+        b2 = self.linear2.bias.double() - (math.log(2) / CRC_BETA) * w2.sum(dim=1)
+        return PlainCRCHead(w1, self.linear1.bias, w2, b2)
 
 
 class PlainCRCHead(nn.Module):
     """Inference form of :class:`CRCHead` (float32 buffers; Gemm, Softplus, Gemm in ONNX).
 
-    Attributes:
-        certificate: ``"curvature"``: see :mod:`certify.curvature` (needs the features).
+    Certificates: ``pairwise_lipschitz()`` gives proven Lipschitz constants of every logit
+    difference ``z_y − z_j`` as a function of the features, ``‖W₁‖₂·‖w²_y − w²_j‖₂`` (softplus is
+    1-Lipschitz). The audit turns them into the ``pairwise`` certificate that the exported model
+    and the service use (logits only). The tighter, feature-dependent curvature certificate is
+    :func:`certify.curvature.curvature_radius`.
     """
 
-    certificate = "curvature"
+    certificate = "pairwise"
     beta = CRC_BETA
 
     def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
@@ -160,6 +201,13 @@ class PlainCRCHead(nn.Module):
     def lipschitz_upper_bound(self) -> float:
         """``‖W₂‖₂·‖W₁‖₂`` (exact norms, float64): softplus is 1-Lipschitz."""
         return _exact_norm(self.w2) * _exact_norm(self.w1)
+
+    @torch.no_grad()
+    def pairwise_lipschitz(self) -> torch.Tensor:
+        """``(C, C)`` float64: ``‖W₁‖₂·‖w²_y − w²_j‖₂``, rounded up, zero diagonal."""
+        w2 = self.w2.double()
+        dist = (w2[:, None, :] - w2[None, :, :]).norm(dim=-1) * (1 + 1e-12)
+        return _exact_norm(self.w1) * dist
 
     def extra_repr(self) -> str:
         return f"{self.w1.shape[1]} -> {self.w1.shape[0]} -> {self.w2.shape[0]}, softplus"

@@ -11,7 +11,7 @@ convex); signed distances to a convex set are 1-Lipschitz. With ``a = θ/2``,
 ``n₁ = (−sin a, cos a)``, ``n₂ = (−sin a, −cos a)`` (outer normals of the two edges) and
 ``u₁ = (cos a, sin a)``, ``u₂ = (cos a, −sin a)`` (the edges)::
 
-    d(p) = ‖p‖                     if ⟨p, u₁⟩ <= 0 and ⟨p, u₂⟩ <= 0   (nearest point: the apex)
+    d(p) = ‖p‖                     if ⟨p, u₁⟩ <= 0, ⟨p, u₂⟩ <= 0, x <= 0  (nearest point: the apex)
     d(p) = max(⟨p, n₁⟩, ⟨p, n₂⟩)   otherwise                           (an edge, or inside)
 
 This is the paper's LipPool (its three angular regions) written without ``atan2`` so it exports
@@ -41,7 +41,10 @@ def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) ->
     t1 = x * cos_a + y * sin_a
     t2 = x * cos_a - y * sin_a
     edge = torch.maximum(y * cos_a - x * sin_a, -(y * cos_a) - x * sin_a)
-    apex = (t1 <= 0) & (t2 <= 0)
+    # The apex is the nearest point exactly on the polar cone. ``x <= 0`` is implied there for
+    # θ < π; at θ = π (a half-plane, reachable through the clamp, and float32 rounding of
+    # cos(π/2) to a tiny negative) it keeps interior points off the apex branch, which would jump.
+    apex = (t1 <= 0) & (t2 <= 0) & (x <= 0)
     return torch.where(apex, _safe_norm(x, y), edge)
 
 

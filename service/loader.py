@@ -8,11 +8,12 @@ Sources, in order of precedence:
 
 A model is served only if all of these hold, else it is *refused* and the log says why:
 ``models.export.verify`` passes (weights sha256, lipcert metadata, bounds consistent, graph
-input/output), the audited
-``lipschitz_bound`` is present, finite, positive and at most ``1 + tolerance`` (a Standard,
-unconstrained network therefore is refused: DESIGN's rule, even though dividing by a larger
-bound would still give sound radii), the body bound (linear-head certificate) obeys the same
-rule, the metadata's input shape and classes agree with the ONNX graph, and the session runs.
+input/output), the bound the certificate divides by is present, finite, positive and at most
+``1 + tolerance``: the whole network's audited ``lipschitz_bound`` for the generic certificate (a
+Standard, unconstrained network therefore is refused: DESIGN's rule, even though dividing by a
+larger bound would still give sound radii), the body bound for the head certificates
+(``linear_head``: LLN and linear heads; ``pairwise``: CRC-Lip), whose heads are not 1-Lipschitz by
+design and are certified through ``head_distances``, the metadata's input shape and classes agree with the ONNX graph, and the session runs.
 
 At load each session is profiled: resident memory added by creating and warming it (RSS delta,
 so approximate), and latency percentiles of a few runs at batch 1 and at the batching size.
@@ -103,7 +104,7 @@ class ServedModel:
     """One verified model and its ONNX Runtime session.
 
     ``lipschitz_bound`` is the bound the certificate divides by: the body bound with
-    ``head_distances`` for the linear-head certificate, the whole network's bound otherwise.
+    ``head_distances`` for the head certificates (linear_head, pairwise), the whole bound otherwise.
     """
 
     name: str
@@ -307,18 +308,21 @@ def load_model(source: ModelSource, options: LoadOptions) -> ServedModel:
     """
     import onnxruntime as ort
 
-    from models.export import ModelVerificationError, certificate_kwargs, verify
+    from models.export import HEAD_CERTIFICATES, ModelVerificationError, certificate_kwargs, verify
 
     path = source.path
     try:
         meta = dict(verify(path))  # hash, metadata, bounds, certificate, graph I/O
     except ModelVerificationError as exc:
         raise ModelRefused(f"verification failed: {exc}") from None
-    audited = _check_bound("lipschitz_bound", _float(meta, "lipschitz_bound"),
-                           options.bound_tolerance)
+    certificate = str(meta["certificate"])
+    audited = _float(meta, "lipschitz_bound")
+    if certificate not in HEAD_CERTIFICATES:
+        # Generic certificate: the whole network must be 1-Lipschitz. With a head certificate
+        # (LLN, CRC-Lip) the head is not 1-Lipschitz by design; its body is checked below.
+        audited = _check_bound("lipschitz_bound", audited, options.bound_tolerance)
     body = _float(meta, "lipschitz_bound_body")
     head = _float(meta, "lipschitz_bound_head")
-    certificate = str(meta["certificate"])
     kwargs = certificate_kwargs(meta)
     bound = _check_bound("certificate bound", float(kwargs["lipschitz_bound"]),
                          options.bound_tolerance)

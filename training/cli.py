@@ -13,6 +13,7 @@ Bad arguments print one line naming the allowed values and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no ONNX file (and no store); final evaluation in torch, audited",
     )
+    p.add_argument("--head", help="linear, lln or crc (Singla & Feizi heads; default linear)")
+    p.add_argument("--activation", help="maxmin or hh (Householder; default maxmin)")
+    p.add_argument("--pool", help="none or distance (1-Lipschitz pool in the last block)")
+    p.add_argument(
+        "--curvature-weight", type=float, help="CRC-Lip curvature regularizer weight (default 0)"
+    )
+    p.add_argument(
+        "--layer-option", action="append", metavar="KEY=VALUE",
+        help="extra option of every conv layer, e.g. fast_grad=exact for SOC (repeatable)",
+    )
     p.add_argument("--resume", help="continue a run folder or checkpoint.pt (same folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", help="logging level of lipcert (default INFO)")
@@ -129,7 +140,30 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_export:
         given["export"] = False
     given.update(_eval_every(args.eval_every))
+    for name in ("head", "activation"):
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name).strip().lower()
+    if args.pool is not None:
+        given["pool"] = None if args.pool.strip().lower() == "none" else args.pool.strip().lower()
+    if args.curvature_weight is not None:
+        given["curvature_weight"] = args.curvature_weight
+    if args.layer_option:
+        given["layer_options"] = _layer_options(args.layer_option)
     return given
+
+
+def _layer_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings → a dict; values parsed as JSON where they are (1, 0.5, true)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"bad --layer-option {item!r}; use KEY=VALUE, e.g. fast_grad=exact")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:

@@ -113,6 +113,12 @@ class TrainConfig:
         export: write ``model.onnx`` and evaluate it in ONNX Runtime; off (quick searches): the
             final evaluation runs the audited plain network in torch and nothing is stored.
         eval_batch_size: batch size of evaluation.
+        head, activation, pool: LipNet options of Singla & Feizi (``models.heads.HEADS``,
+            ``models.activations.ACTIVATIONS``, None or ``models.pooling.POOLS``).
+        curvature_weight: weight of the CRC-Lip head's curvature regularizer
+            (:meth:`models.heads.CRCHead.curvature_penalty`); only with ``head="crc"``.
+        layer_options: extra keyword arguments of every convolution layer (e.g. SOC's
+            ``fast_grad``), validated by the layer itself.
     """
 
     method: str
@@ -143,6 +149,11 @@ class TrainConfig:
     export: bool = True
     eval_batch_size: int = 1000
     eval_eps: tuple[float, ...] = field(default=EVAL_EPS)
+    head: str = "linear"
+    activation: str = "maxmin"
+    pool: str | None = None
+    curvature_weight: float = 0.0
+    layer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from models import list_methods, list_sizes
@@ -169,6 +180,36 @@ class TrainConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
+        from models.activations import ACTIVATIONS
+        from models.heads import HEADS
+        from models.pooling import POOLS
+
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}"
+            )
+        if self.pool is not None and self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; choose from none, {', '.join(POOLS)}")
+        if not (math.isfinite(self.curvature_weight) and self.curvature_weight >= 0):
+            raise ValueError(f"curvature_weight must be finite and >= 0, got {self.curvature_weight}")
+        if self.curvature_weight > 0 and self.head != "crc":
+            raise ValueError(f"curvature_weight applies to head 'crc' only, not {self.head!r}")
+        object.__setattr__(self, "layer_options", dict(self.layer_options or {}))
+        if self.layer_options:
+            import inspect
+
+            from models.registry import layer_class
+
+            params = inspect.signature(layer_class(self.method).__init__).parameters
+            allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+            unknown = sorted(set(self.layer_options) - set(allowed))
+            if unknown:
+                raise ValueError(
+                    f"unknown layer option(s) {', '.join(unknown)} for {self.method}; "
+                    f"choose from {', '.join(allowed) or 'none'}"
+                )
 
     @property
     def peak_lr(self) -> float:
@@ -192,6 +233,15 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """The same config with the per-method defaults filled in (what ``config.json`` holds)."""
         return replace(self, lr=self.peak_lr, weight_decay=self.wd)
+
+    @property
+    def variant(self) -> str:
+        """The non-default LipNet options as a short tag (``""`` for the paper's network)."""
+        parts = [] if self.head == "linear" else [self.head]
+        parts += [] if self.activation == "maxmin" else [self.activation]
+        parts += [] if self.pool is None else [f"{self.pool}pool"]
+        parts += [f"{k}={v}" for k, v in sorted(self.layer_options.items())]
+        return "+".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -145,7 +145,9 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 def _run_dir(cfg: TrainConfig) -> Path:
     parent = Path(cfg.out) / cfg.dataset
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = parent / f"{cfg.method}-{cfg.size}-{stamp}"
+    variant = cfg.variant.replace("=", "-").replace("+", "-")
+    name = f"{cfg.method}-{variant}-{cfg.size}" if variant else f"{cfg.method}-{cfg.size}"
+    base = parent / f"{name}-{stamp}"
     path, n = base, 1
     while path.exists():  # sweeps can start two runs within one second
         path, n = Path(f"{base}-{n}"), n + 1
@@ -232,10 +234,7 @@ def evaluate_torch(
 
     plain = to_plain(copy.deepcopy(model).cpu())
     result = audit(plain, data.input_shape, lower=full)
-    if result.certificate == "linear_head":
-        kwargs = dict(lipschitz_bound=result.body_bound, head=result.head_rows)
-    else:
-        kwargs = dict(lipschitz_bound=result.bound)
+    kwargs = result.certificate_kwargs()
     logits = _logits(plain.to(device), data.test_images, cfg.eval_batch_size, device)
     acc = certified_accuracy(logits, data.test_labels, cfg.eval_eps, **kwargs)
     clean = acc.pop("clean")
@@ -407,6 +406,10 @@ def train(
             data.num_classes,
             data.image_size,
             mean=data.mean,
+            head=cfg.head,
+            activation=cfg.activation,
+            pool=cfg.pool,
+            layer_options=cfg.layer_options or None,
         ).to(device)
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.wd
@@ -549,6 +552,8 @@ def train(
                 loss = nn.functional.cross_entropy(logits.float(), yb)
             else:
                 loss = offset_cross_entropy(logits, yb, cfg.offset, cfg.temperature)
+            if cfg.curvature_weight > 0:
+                loss = loss + cfg.curvature_weight * model.head.head.curvature_penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -672,6 +677,15 @@ def train(
         if dist_ctx.active:
             train_time = _broadcast_float(train_time, device)
         state["elapsed_s"] = train_time
+        if dist_ctx.main and window_count > 0:  # the steps after the last guard window
+            _append_jsonl(metrics, dict(
+                event="train", step=state["step"], epoch=state["step"] / steps_per_epoch,
+                elapsed_s=train_time, budget_s=cfg.budget_s, total_steps=total_steps,
+                loss=float(window_loss) / window_count,
+                acc=float(window_correct) / (window_count * per_rank),
+                images_per_s=window_count * per_rank * dist_ctx.world
+                / max(1e-9, train_time - window_start),
+            ))
         if not _all_finite(model):  # a divergence within the last guard window
             model.load_state_dict(good[-1]["model"])
             state["nan_restarts"] += 1
@@ -702,6 +716,10 @@ def train(
             method=cfg.method,
             size=cfg.size,
             dataset=cfg.dataset,
+            variant=cfg.variant,
+            head=cfg.head,
+            activation=cfg.activation,
+            pool=cfg.pool,
             classes=list(data.classes),
             run_dir=str(run_dir),
             clean_accuracy=acc["clean_accuracy"],
@@ -736,6 +754,15 @@ def train(
             weights_sha256=meta.get("weights_sha256"),
             torch_version=torch.__version__,
         )
+        if cfg.head == "crc":
+            # The paper's curvature certificate needs the features: python only, not served.
+            from certify.curvature import curvature_certified_accuracy
+            from models.export import to_plain
+
+            report["certified_accuracy_curvature"] = curvature_certified_accuracy(
+                to_plain(copy.deepcopy(model).cpu()), data.test_images, data.test_labels,
+                cfg.eval_eps, body_bound=float(meta["lipschitz_bound_body"]),
+            )
         _append_jsonl(
             metrics,
             dict(
