@@ -12,7 +12,8 @@ Two consequences used here:
 - **kernel gradient**: ``∂⟨g, p(L)x⟩/∂L = Σ_{a+b ≤ T−1} wgrad(Lᵃx, (−L)ᵇg) / (a+b+1)!``. With
   ``V_a = Σ_b (−L)ᵇg / (a+b+1)!`` this is ``Σ_a wgrad(Lᵃx, V_a)``, and since the weight gradient
   of a convolution sums over the batch, all ``T`` terms go through **one** weight-gradient call
-  on the batch-concatenated pairs ``(cat_a Lᵃx, cat_a V_a)``.
+  on the batch-concatenated pairs ``(cat_a Lᵃx, cat_a V_a)`` (implemented as ``T`` calls, which
+  measured faster on CPU).
 
 Modes (``grad_mode``):
 
@@ -127,14 +128,16 @@ class ConvExponentialFunction(torch.autograd.Function):
                 vs.append(v)
         grad_k = None
         if ctx.needs_input_grad[1] and terms >= 1:
-            # V_a = Σ_{b ≤ T−1−a} v_b / (a+b+1)!; one fused weight gradient over all a.
-            big_v = []
+            # V_a = Σ_{b ≤ T−1−a} v_b / (a+b+1)!, then Σ_a wgrad(u_a, V_a). One weight-gradient
+            # call per a: on CPU (oneDNN) T calls measured faster than one call on the
+            # batch-concatenated pairs (56 vs 75 ms for T = 6, c = 64, 16×16, batch 16).
+            grad_k = None
             for a in range(terms):
                 acc = vs[0] / math.factorial(a + 1)
                 for b in range(1, terms - a):
                     acc = acc + vs[b] / math.factorial(a + b + 1)
-                big_v.append(acc)
-            grad_k = _weight_grad(torch.cat(powers, 0), torch.cat(big_v, 0), kernel, p)
+                term = _weight_grad(powers[a], acc, kernel, p)
+                grad_k = term if grad_k is None else grad_k + term
         elif ctx.needs_input_grad[1]:
             grad_k = torch.zeros_like(kernel)
         return grad_x, grad_k, None, None

@@ -38,6 +38,7 @@ from models.layers.base import LipschitzConv2d
 from models.ops import kernel_gram, power_iteration
 from models.plain import ConvExponential
 from models.registry import register_method
+from models.soc_fast import conv_exponential, resolve_grad_mode
 
 BOUNDS = ("sound", "paper")
 
@@ -111,6 +112,10 @@ class SOCConv2d(LipschitzConv2d):
         correction: target norm of ``L``; default 0.7 for ``k > 1`` and 1.0 for ``k = 1``.
         bound: ``"sound"`` (default) or ``"paper"``, see the module docstring.
         init_iters: power-iteration steps that initialize the persistent vectors.
+        fast_grad: training backward through the exponential: False (autograd through the
+            Horner loop), True / ``"exact"`` (:mod:`models.soc_fast`, the same gradients from
+            the skew-symmetry ``Lᵀ = −L``) or ``"paper"`` (its rank-one kernel-gradient
+            shortcut, approximate). Evaluation and export are unaffected.
 
     Raises:
         ValueError: a bad value among the above.
@@ -131,6 +136,7 @@ class SOCConv2d(LipschitzConv2d):
         correction: float | None = None,
         bound: str = "sound",
         init_iters: int = 50,
+        fast_grad: bool | str = False,
     ) -> None:
         super().__init__(channels, kernel_size, bias=bias)
         for name, value in (("train_terms", train_terms), ("eval_terms", eval_terms)):
@@ -141,6 +147,8 @@ class SOCConv2d(LipschitzConv2d):
         correction = (0.7 if kernel_size > 1 else 1.0) if correction is None else correction
         if not 0 < correction <= 1:
             raise ValueError(f"correction must be in (0, 1], got {correction!r}")
+        self.grad_mode = resolve_grad_mode(fast_grad)
+        self.fast_grad = fast_grad
         self.train_terms, self.eval_terms = train_terms, eval_terms
         self.correction, self.bound = float(correction), bound
         self.weight = nn.Parameter(torch.randn(channels, channels, kernel_size, kernel_size))
@@ -180,9 +188,12 @@ class SOCConv2d(LipschitzConv2d):
         else:
             kernel, terms = self.cached("kernel", self.eval_kernel), self.eval_terms
         p = self.kernel_size // 2
-        z = x
-        for i in range(terms, 0, -1):  # Horner: z ← x + Lz / i
-            z = x + F.conv2d(z, kernel, padding=p) / i
+        if self.training and self.grad_mode is not None and torch.is_grad_enabled():
+            z = conv_exponential(x, kernel, terms, self.grad_mode)
+        else:
+            z = x
+            for i in range(terms, 0, -1):  # Horner: z ← x + Lz / i
+                z = x + F.conv2d(z, kernel, padding=p) / i
         if self.bias is not None:
             z = z + self.bias.view(1, -1, 1, 1)
         return z
@@ -195,4 +206,5 @@ class SOCConv2d(LipschitzConv2d):
         return super().extra_repr() + (
             f", train_terms={self.train_terms}, eval_terms={self.eval_terms}, "
             f"correction={self.correction:g}, bound={self.bound}"
+            + ("" if self.grad_mode is None else f", fast_grad={self.grad_mode}")
         )
