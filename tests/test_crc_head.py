@@ -14,6 +14,7 @@ from certify.radius import certified_radius
 from models.export import certificate_kwargs, load_twin, to_onnx, verify
 from models.heads import CRC_BETA, CRCHead, PlainCRCHead
 from models.registry import create_model
+from tests.lipschitz_utils import feature_attack
 from training.data import load_dataset
 from training.loss import offset_cross_entropy
 
@@ -51,33 +52,6 @@ def test_curvature_bound_is_below_every_hessian_eigenvalue():
                 grad = torch.autograd.functional.jacobian(logit_diff(head, y, j), h)
                 assert grad.norm().item() <= bounds.gradient[y, j].item() * (1 + 1e-9)
     assert worst > 0.05  # the bound is not vacuous: some Hessians come near it
-
-
-def feature_attack(head, h, y, radius, steps=200, restarts=3, seed=0):
-    """PGD in feature space inside ``‖δ‖ < radius``: the smallest margin of ``y`` found."""
-    gen = torch.Generator().manual_seed(seed)
-    cap = radius[:, None] * 0.999
-    best = torch.full((len(h),), math.inf, dtype=torch.float64)
-    for _ in range(restarts):
-        delta = torch.randn(h.shape, generator=gen, dtype=torch.float64)
-        delta = delta / delta.norm(dim=1, keepdim=True) * cap * 0.5
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            z = head(h + delta)
-            z_y = z.gather(1, y[:, None])[:, 0]
-            margin = z_y - z.scatter(1, y[:, None], -math.inf).max(dim=1).values
-            (g,) = torch.autograd.grad(margin.sum(), delta)
-            with torch.no_grad():
-                best = torch.minimum(best, margin.detach())
-                step = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                delta = delta.detach() - 0.1 * cap * step
-                norm = delta.norm(dim=1, keepdim=True)
-                delta = delta * torch.clamp(cap / norm.clamp_min(1e-30), max=1.0)
-        with torch.no_grad():
-            z = head(h + delta)
-            z_y = z.gather(1, y[:, None])[:, 0]
-            best = torch.minimum(best, z_y - z.scatter(1, y[:, None], -math.inf).max(dim=1).values)
-    return best
 
 
 def first_order_radius(head, h):
