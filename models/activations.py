@@ -30,7 +30,13 @@ from torch import nn
 
 
 def _householder(x: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
-    """``z + 2v·ReLU(−vᵀz)`` over channel halves; ``vx, vy``: ``(1, c/2, 1, 1)``."""
+    """``z + 2v·ReLU(−vᵀz)`` over the channel halves of ``x`` ``(B, C, ...)``.
+
+    ``vx, vy``: ``(1, c/2, 1, 1)``, reshaped for inputs of another rank.
+    """
+    if x.ndim != vx.ndim:
+        # (1, c/2, 1, 1) against a (B, C) or (B, C, L) input would broadcast into a wrong shape.
+        vx, vy = (t.reshape(1, -1, *([1] * (x.ndim - 2))) for t in (vx, vy))
     a, b = x.chunk(2, dim=1)
     s = torch.relu(-(a * vx + b * vy))  # (B, c/2, H, W): how far behind the mirror
     return torch.cat([a + 2 * vx * s, b + 2 * vy * s], dim=1)
@@ -60,8 +66,10 @@ class HouseholderActivation(nn.Module):
         return torch.sin(half), -torch.cos(half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C, ...)
-        if x.shape[1] != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got {x.shape[1]}")
+        if x.ndim < 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"expected a (B, {self.channels}, ...) input, got shape {tuple(x.shape)}"
+            )
         vx, vy = self.mirror()
         return _householder(x, vx, vy)
 
@@ -82,7 +90,7 @@ class PlainHouseholder(nn.Module):
         self.register_buffer("vx", vx.detach().float().reshape(1, -1, 1, 1).clone())
         self.register_buffer("vy", vy.detach().float().reshape(1, -1, 1, 1).clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C, ...)
         return _householder(x, self.vx, self.vy)
 
     @torch.no_grad()

@@ -37,6 +37,9 @@ def _safe_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) -> torch.Tensor:
+    if z.ndim != cos_a.ndim:
+        # (1, c/2, 1, 1) against a (B, C) or (B, C, L) input would broadcast into a wrong shape.
+        cos_a, sin_a = (t.reshape(1, -1, *([1] * (z.ndim - 2))) for t in (cos_a, sin_a))
     x, y = z.chunk(2, dim=1)  # (B, c/2, ...)
     t1 = x * cos_a + y * sin_a
     t2 = x * cos_a - y * sin_a
@@ -45,7 +48,12 @@ def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) ->
     # θ < π; at θ = π (a half-plane, reachable through the clamp, and float32 rounding of
     # cos(π/2) to a tiny negative) it keeps interior points off the apex branch, which would jump.
     apex = (t1 <= 0) & (t2 <= 0) & (x <= 0)
-    return torch.where(apex, _safe_norm(x, y), edge)
+    # ‖(cos a, sin a)‖ is 1 only up to float32 rounding of the stored pair, and it is the slope of
+    # the edge branch: on a seam ⟨p, u⟩ = 0, p = λn and ⟨p, n⟩ = λ‖n‖² = ‖p‖·‖n‖. Scaling the apex
+    # branch by it makes the branches meet exactly (unscaled: a jump of ~1e-8·‖p‖, no Lipschitz
+    # constant at all for the stored values).
+    scale = torch.sqrt(cos_a * cos_a + sin_a * sin_a)
+    return torch.where(apex, _safe_norm(x, y) * scale, edge)
 
 
 class DistancePool(nn.Module):
@@ -71,9 +79,11 @@ class DistancePool(nn.Module):
     def half_angle(self) -> torch.Tensor:
         return 0.5 * self.theta.clamp(0.0, math.pi)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C/2, H, W)
-        if z.shape[1] != self.channels:
-            raise ValueError(f"expected {self.channels} channels, got {z.shape[1]}")
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C/2, ...)
+        if z.ndim < 2 or z.shape[1] != self.channels:
+            raise ValueError(
+                f"expected a (B, {self.channels}, ...) input, got shape {tuple(z.shape)}"
+            )
         a = self.half_angle()
         return _cone_distance(z, torch.cos(a), torch.sin(a))
 
@@ -94,17 +104,17 @@ class PlainDistancePool(nn.Module):
         self.register_buffer("cos_a", cos_a.detach().float().reshape(1, -1, 1, 1).clone())
         self.register_buffer("sin_a", sin_a.detach().float().reshape(1, -1, 1, 1).clone())
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C/2, ...)
         return _cone_distance(z, self.cos_a, self.sin_a)
 
     @torch.no_grad()
     def lipschitz_upper_bound(self) -> float:
         """Proven bound for the stored normals: ``max(1, max √(cos² + sin²))``, rounded up.
 
-        Each piece is linear with gradient ``n₁`` or ``n₂`` (norm ``√(cos² + sin²)``) or is the
-        Euclidean norm (1-Lipschitz), and the pieces meet continuously (exactly so in real
-        arithmetic for the stored values up to the ``1 ± 1e-7`` norm of the rounded pair; float32
-        evaluation at the seams is covered, like every layer's rounding, by the radius slack).
+        Each piece is linear with gradient ``n₁`` or ``n₂`` (norm ``N = √(cos² + sin²)``) or is
+        ``N·‖p‖`` (``N``-Lipschitz), and the pieces meet continuously, exactly in real arithmetic
+        for the stored values (the apex branch is scaled by ``N`` for that); float32 evaluation at
+        the seams is covered, like every layer's rounding, by the radius slack.
         Pairs are independent coordinates, so the layer's bound is the largest pair bound.
         """
         norm = (self.cos_a.double() ** 2 + self.sin_a.double() ** 2).sqrt().max().item()

@@ -1,51 +1,74 @@
-"""Fast SOC gradients: a custom autograd Function for the truncated convolution exponential.
+"""Fast SOC training gradients: a custom autograd Function for the truncated conv exponential.
 
 Singla & Feizi, "Improved techniques for deterministic l2 robustness", NeurIPS 2022,
-arXiv:2211.08453, Sec. "fast gradient computation for SOC".
+arXiv:2211.08453 (fast gradient computation for SOC; code: ``singlasahil14/improved_l2_robustness``,
+``skew_ortho_conv.py``, ``SOC_Function``).
 
-The SOC layer computes ``y = p(L) x`` with ``p(t) = Σ_{i=0}^{T} tⁱ/i!`` and ``L`` a zero-padded
-convolution whose kernel is skew (``flip(Lᵀ) = −L``), so the operator is skew-symmetric: ``Lᵀ = −L``.
-Two consequences used here:
+The SOC layer computes ``y = p(L)x`` with ``p(t) = Σ_{i=0}^{T} tⁱ/i!`` by Horner's rule
+(``z ← x + Lz/i`` for ``i = T … 1``), ``L`` a zero-padded convolution with a skew kernel, so the
+operator is skew-symmetric (``Lᵀ = −L``) and ``p(L)ᵀ = p(−L)``. For a loss gradient ``g`` at ``y``:
 
-- **input gradient**: ``∂⟨g, p(L)x⟩/∂x = p(Lᵀ) g = p(−L) g``: the same Horner recurrence run with
-  the negated kernel (forward convolutions only, no transposed convolutions, nothing stored).
-- **kernel gradient**: ``∂⟨g, p(L)x⟩/∂L = Σ_{a+b ≤ T−1} wgrad(Lᵃx, (−L)ᵇg) / (a+b+1)!``. With
-  ``V_a = Σ_b (−L)ᵇg / (a+b+1)!`` this is ``Σ_a wgrad(Lᵃx, V_a)``, and since the weight gradient
-  of a convolution sums over the batch, all ``T`` terms go through **one** weight-gradient call
-  on the batch-concatenated pairs ``(cat_a Lᵃx, cat_a V_a)`` (implemented as ``T`` calls, which
-  measured faster on CPU).
+- **input gradient**: ``p(L)ᵀg = p(−L)g``, exact in both modes below.
+- **kernel gradient** of the truncated series, with ``wgrad(a, b)`` the weight gradient of a
+  convolution (input ``a``, output gradient ``b``):
+  ``∂⟨g, p(L)x⟩/∂L = Σ_{a+b ≤ T−1} wgrad(Lᵃx, (Lᵀ)ᵇg) / (a+b+1)!``.
+  Its coefficient matrix ``1/(a+b+1)!`` (zero for ``a+b ≥ T``) is anti-triangular, hence of full
+  rank ``T``: the exact gradient needs ``T`` weight-gradient convolutions, no identity removes them.
 
 Modes (``grad_mode``):
 
-- ``"exact"`` (default): the gradients of the truncated series, equal to autograd through the
-  Horner loop up to float rounding (tested to 1e-5). Same convolution count as autograd (the
-  coefficient matrix ``1/(a+b+1)!`` is a full-rank Hankel matrix, so ``T`` weight-gradient terms
-  are needed); the gain is in fused calls and in never running transposed convolutions.
-- ``"paper"``: the paper's rank-one shortcut ``wgrad(φ(L)x, φ(−L)g)``, ``φ(t) = Σ_{k<T} tᵏ/(k+1)!``
-  (one weight-gradient term, about ``T`` fewer convolution-equivalents per step). It replaces the
-  coefficient ``1/(a+b+1)!`` by ``1/((a+1)!(b+1)!)`` (e.g. 1/4 instead of 1/6 for ``a = b = 1``):
-  an *approximate* kernel gradient (the input gradient stays exact). Use it knowingly; the
-  Lipschitz guarantee does not depend on gradients, only accuracy can.
+- ``"exact"``: the gradients of the truncated series (equal to autograd through the Horner loop up
+  to float rounding; tested to 1e-5 in float32). Same convolutions as autograd (``T`` forward,
+  ``T`` fused input+weight backward calls); the saving is everything around them: the ``1/i``
+  factors are folded into the (tiny) kernel instead of scaling activations, the ``+ x`` is in
+  place, and the backward runs the Horner recurrence directly, so about ``3T`` activation-sized
+  elementwise passes and allocations per step disappear. It does not need the kernel to be skew.
+- ``"paper"``: the paper's method, **approximate in the kernel gradient**. Its code keeps only
+  ``z = φ(L)x`` (``φ(t) = Σ_{k<T} tᵏ/(k+1)!``, so ``y = x + Lz``), runs the input gradient
+  through ``p(−L)`` with ``w = φ(−L)g`` on the way, and takes the single weight gradient
+  ``wgrad(φ(L)x, φ(−L)g)``. Expanded, that is the double sum above with ``1/((a+1)!(b+1)!)``
+  for every ``a, b < T`` in place of ``1/(a+b+1)!`` for ``a+b < T``; in integral form the exact
+  gradient of ``exp(L)`` is ``∫₀¹ wgrad(e^{sL}x, e^{(1−s)Lᵀ}g) ds`` (one line through the unit
+  square), the paper's is the same integrand over the whole square. Terms with ``a + b ≤ 1``
+  agree, so the relative error is second order in ``‖L‖`` (``≤ 0.7`` in SOC, 1 for 1×1 kernels):
+  measured 5e-5 to 2e-2 on single layers and about 2e-2 on whole LipNets' weight gradients
+  (cosine 0.9998; :mod:`bench.soc_fast`). The input gradient stays exact. Saves ``T − 1``
+  weight-gradient convolutions and ``T − 1`` saved activations per layer: the paper's speed-up
+  comes from this approximation. The Lipschitz guarantee does not depend on gradients; only what
+  is learned can.
 
-If the kernel is not exactly skew (a caller's bug, or a non-SOC kernel) the input-gradient chain
-falls back to transposed convolutions, so the ``"exact"`` gradients stay exact.
+Measured on CPU (``docs/soc_fast.md``): training step ``"exact"`` ÷ autograd 0.94–1.03 (no gain
+beyond noise), ``"paper"`` ÷ autograd 0.61–0.77.
+Note: the paper's ``train_terms = 6`` means powers up to 5 (its code passes ``terms − 1``); here
+``terms`` is the highest power.
+
+The paper applies ``Lᵀ`` as a forward convolution with ``−L`` (valid only for skew kernels).
+A transposed convolution is the same operator for *any* kernel and measured as fast on CPU
+(190 vs 201 ms for ``T = 6``, 64 channels, 16×16, batch 64), so both modes use it: no skewness
+check (a device sync on GPU) and no fallback path are needed, and a non-skew kernel still gets
+exact input gradients. Both backwards are first order only (double backward raises).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 GRAD_MODES = ("exact", "paper")
 
 
-def resolve_grad_mode(fast_grad: bool | str) -> str | None:
-    """Map a layer's ``fast_grad`` option to a mode: ``False`` → None (plain autograd).
+def resolve_grad_mode(fast_grad: bool | str | None) -> str | None:
+    """Map a layer's ``fast_grad`` option to a mode: ``False`` / None → None (plain autograd).
+
+    Args:
+        fast_grad: ``False``, ``True`` (= ``"exact"``), ``"exact"`` or ``"paper"``.
+
+    Returns:
+        ``None``, ``"exact"`` or ``"paper"``.
 
     Raises:
-        ValueError: for a value other than False, True, ``"exact"`` or ``"paper"``.
+        ValueError: any other value (also ``0``/``1``: booleans only, to catch typos early).
     """
     if fast_grad is False or fast_grad is None:
         return None
@@ -53,132 +76,150 @@ def resolve_grad_mode(fast_grad: bool | str) -> str | None:
         return "exact"
     if isinstance(fast_grad, str) and fast_grad in GRAD_MODES:
         return fast_grad
-    raise ValueError(f"fast_grad must be False, True or one of {', '.join(GRAD_MODES)}; got {fast_grad!r}")
+    raise ValueError(
+        f"fast_grad must be False, True or one of {', '.join(GRAD_MODES)}; got {fast_grad!r}"
+    )
 
 
 def is_skew_kernel(kernel: torch.Tensor) -> bool:
-    """Whether ``flip(kernelᵀ) == −kernel`` exactly (the zero-padded conv is skew-symmetric)."""
+    """Whether ``flip(kernelᵀ) == −kernel`` exactly, i.e. the zero-padded conv is skew-symmetric."""
     return bool(torch.equal(kernel.transpose(0, 1).flip(-2, -1), -kernel))
 
 
-def _weight_grad(inp: torch.Tensor, grad_out: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
-    """Gradient of ``Σ ⟨grad_out, conv2d(inp, K, padding=pad)⟩`` with respect to ``K``."""
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, inp, kernel, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
-        [False, True, False],
+def _conv_backward(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    kernel: torch.Tensor,
+    pad: int,
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(Kᵀ grad_out, wgrad(inp, grad_out))`` of ``conv2d(inp, K, padding=pad)`` in one call."""
+    grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out,
+        inp,
+        kernel,
+        None,
+        [1, 1],
+        [pad, pad],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [need_input, need_weight, False],
     )
-    return grad_w
+    return grad_in, grad_w
 
 
 class ConvExponentialFunction(torch.autograd.Function):
-    """``y = Σ_{i=0}^{T} Lⁱx / i!`` (zero padding ``k // 2``) with skew-symmetry backward.
+    """``y = Σ_{i=0}^{T} Lⁱx / i!`` (zero padding ``k // 2``) with a hand-written backward.
 
     Forward arguments: ``(x, kernel, terms, grad_mode)``; gradients for ``x`` and ``kernel``.
-    Saves ``x, Lx, …, L^{T−1}x`` for ``"exact"`` (as autograd saves its Horner states) and one
-    tensor for ``"paper"``.
+    ``"exact"`` saves the ``T`` Horner states (as autograd does), ``"paper"`` one tensor.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, terms: int, grad_mode: str) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, kernel: torch.Tensor, terms: int, grad_mode: str
+    ) -> torch.Tensor:
         p = kernel.shape[-1] // 2
         ctx.terms, ctx.pad, ctx.grad_mode = terms, p, grad_mode
-        ctx.skew = is_skew_kernel(kernel)
         if grad_mode == "paper":
-            # Horner down to i = 2 gives z = φ(L)x; then y = x + Lz.
-            z = x
+            z = x  # Horner down to i = 2 leaves z = φ(L)x; then y = x + Lz.
             for i in range(terms, 1, -1):
-                z = x + F.conv2d(z, kernel, padding=p) / i
-            y = x + F.conv2d(z, kernel, padding=p) if terms >= 1 else x
+                z = F.conv2d(z, kernel / i, padding=p).add_(x)
+            y = F.conv2d(z, kernel, padding=p).add_(x) if terms >= 1 else x.clone()
             ctx.save_for_backward(z, kernel)
             return y
-        # Powers u_a = Lᵃx (needed by the exact kernel gradient), summed with 1/a!.
-        powers = [x]
-        y = x
-        u = x
-        for a in range(1, terms + 1):
-            u = F.conv2d(u, kernel, padding=p)
-            y = y + u / math.factorial(a)
-            if a < terms:
-                powers.append(u)
-        ctx.save_for_backward(kernel, *powers)
-        return y
+        states = []  # states[i - 1]: the input of step i (z_{T+1} = x, …, z_2)
+        z = x
+        for i in range(terms, 0, -1):
+            states.append(z)
+            z = F.conv2d(z, kernel / i, padding=p).add_(x)  # 1/i on the tiny kernel, + x in place
+        states.reverse()
+        ctx.save_for_backward(kernel, *states)
+        return z if terms >= 1 else x.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        # The forward ran with autocast off; keep the backward in the same (saved) dtype too.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return ConvExponentialFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         terms, p = ctx.terms, ctx.pad
+        need_x, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_out = grad_out.contiguous()
         if ctx.grad_mode == "paper":
             z, kernel = ctx.saved_tensors
-            neg = _adjoint(kernel, ctx.skew)
-            w = grad_out
-            for i in range(terms, 1, -1):  # w = φ(−L) g
-                w = grad_out + _apply(w, neg, p, ctx.skew) / i
-            grad_x = grad_out + _apply(w, neg, p, ctx.skew) if terms >= 1 else grad_out
-            grad_k = _weight_grad(z, w, kernel, p) if ctx.needs_input_grad[1] else None
+            if terms == 0:
+                return grad_out, (torch.zeros_like(kernel) if need_k else None), None, None
+            w = grad_out  # w = φ(Lᵀ)g by the same Horner recurrence
+            for i in range(terms, 1, -1):
+                w = F.conv_transpose2d(w, kernel / i, padding=p).add_(grad_out)
+            grad_x, grad_k = _conv_backward(w, z, kernel, p, need_x, need_k)
+            if grad_x is not None:
+                grad_x = grad_x.add_(grad_out)  # p(Lᵀ)g = g + Lᵀφ(Lᵀ)g
             return grad_x, grad_k, None, None
-        kernel, *powers = ctx.saved_tensors
-        neg = _adjoint(kernel, ctx.skew)
-        # v_b = (−L)ᵇ g for b = 0 … T (v_T only enters the input gradient).
-        vs = [grad_out]
-        grad_x = grad_out
-        v = grad_out
-        for b in range(1, terms + 1):
-            v = _apply(v, neg, p, ctx.skew)
-            grad_x = grad_x + v / math.factorial(b)
-            if b < terms:
-                vs.append(v)
-        grad_k = None
-        if ctx.needs_input_grad[1] and terms >= 1:
-            # V_a = Σ_{b ≤ T−1−a} v_b / (a+b+1)!, then Σ_a wgrad(u_a, V_a). One weight-gradient
-            # call per a: on CPU (oneDNN) T calls measured faster than one call on the
-            # batch-concatenated pairs (56 vs 75 ms for T = 6, c = 64, 16×16, batch 16).
-            grad_k = None
-            for a in range(terms):
-                acc = vs[0] / math.factorial(a + 1)
-                for b in range(1, terms - a):
-                    acc = acc + vs[b] / math.factorial(a + b + 1)
-                term = _weight_grad(powers[a], acc, kernel, p)
-                grad_k = term if grad_k is None else grad_k + term
-        elif ctx.needs_input_grad[1]:
-            grad_k = torch.zeros_like(kernel)
+        kernel, *states = ctx.saved_tensors
+        # Step i maps its input z_{i+1} to z_i = x + (L/i) z_{i+1}; h is the gradient at z_i.
+        h = grad_out
+        grad_x = grad_out.clone() if need_x else None
+        grad_k = torch.zeros_like(kernel) if need_k else None
+        for i in range(1, terms + 1):
+            # The next h is needed by the next step, or, after the last one, only for x.
+            want_h = i < terms or need_x
+            h_next, gk = _conv_backward(h, states[i - 1], kernel / i, p, want_h, need_k)
+            if gk is not None:
+                grad_k.add_(gk, alpha=1.0 / i)
+            if h_next is None:
+                break
+            h = h_next
+            if grad_x is not None:
+                grad_x.add_(h)
         return grad_x, grad_k, None, None
-
-
-def _adjoint(kernel: torch.Tensor, skew: bool) -> torch.Tensor:
-    """The kernel applying ``Lᵀ``: ``−L`` for a skew kernel, else ``L`` (used transposed)."""
-    return -kernel if skew else kernel
-
-
-def _apply(v: torch.Tensor, adjoint: torch.Tensor, p: int, skew: bool) -> torch.Tensor:
-    """``Lᵀ v``: a forward conv with ``−L`` when skew, else a transposed conv with ``L``."""
-    if skew:
-        return F.conv2d(v, adjoint, padding=p)
-    return F.conv_transpose2d(v, adjoint, padding=p)
 
 
 def conv_exponential(
     x: torch.Tensor, kernel: torch.Tensor, terms: int, grad_mode: str = "exact"
 ) -> torch.Tensor:
-    """Truncated convolution exponential with the fast backward (see module docstring).
+    """Truncated convolution exponential ``Σ_{i=0}^{T} Lⁱx / i!`` with the fast backward.
+
+    Under autocast the inputs are cast to the autocast dtype first (as autocast would cast the
+    convolutions) and the Function runs with autocast off, so both passes see one dtype.
 
     Args:
         x: ``(B, C, H, W)`` input.
         kernel: ``(C, C, k, k)`` kernel of ``L``, odd ``k``, zero padding ``k // 2``.
         terms: ``T >= 0``, the highest power of the series.
-        grad_mode: ``"exact"`` or ``"paper"``.
+        grad_mode: ``"exact"`` or ``"paper"`` (see the module docstring).
 
     Returns:
         ``(B, C, H, W)``.
 
     Raises:
-        ValueError: unknown ``grad_mode``, negative ``terms`` or a non-square kernel.
+        ValueError: unknown ``grad_mode``, negative ``terms`` or a bad kernel shape.
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; choose from {', '.join(GRAD_MODES)}")
-    if not isinstance(terms, int) or terms < 0:
+    if not isinstance(terms, int) or isinstance(terms, bool) or terms < 0:
         raise ValueError(f"terms must be a non-negative int, got {terms!r}")
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[-1] % 2 == 0:
         raise ValueError(f"kernel must be (C, C, k, k) with odd k, got {tuple(kernel.shape)}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return ConvExponentialFunction.apply(x.to(dtype), kernel.to(dtype), terms, grad_mode)
     return ConvExponentialFunction.apply(x, kernel, terms, grad_mode)
 
 
-__all__ = ["GRAD_MODES", "ConvExponentialFunction", "conv_exponential", "is_skew_kernel", "resolve_grad_mode"]
+__all__ = [
+    "GRAD_MODES",
+    "ConvExponentialFunction",
+    "conv_exponential",
+    "is_skew_kernel",
+    "resolve_grad_mode",
+]

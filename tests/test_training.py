@@ -63,8 +63,10 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
     ]
     assert "train" in events and events[-1] == "final"
 
-    # Budget honoured within 10 %, and every measured figure present.
-    assert abs(report["train_time_s"] - BUDGET_S) <= 0.1 * BUDGET_S
+    # Budget honoured within 10 % or one step (the loop stops half a step early at best: a 1 s
+    # budget is only a few steps of the slow methods on a busy CI machine), every figure present.
+    step_s = report["train_time_s"] / max(1, report["steps"])
+    assert abs(report["train_time_s"] - BUDGET_S) <= max(0.1 * BUDGET_S, step_s)
     assert report["steps"] > 0 and report["images_per_s"] > 0 and report["time_per_epoch_s"] > 0
     assert report["peak_memory_bytes"] > 0 and report["parameters"] > 1000
     assert report["nan_restarts"] == 0

@@ -20,12 +20,14 @@ the model store.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -507,7 +509,10 @@ def train(
         window_loss = torch.zeros((), device=device)
         window_correct = torch.zeros((), device=device)
         window_count, window_start = 0, state["elapsed_s"]
-        step_time, prev_elapsed = 0.0, None  # running estimate, to stop before the budget ends
+        # Training time per step, to stop before the budget ends: the median of the newest
+        # steps (robust to a slow guard/sync step), the first step (warm-up) left out.
+        recent_steps: collections.deque[float] = collections.deque(maxlen=7)
+        step_time, prev_elapsed, warm = 0.0, None, False
         last_log = last_ckpt = state["elapsed_s"]
         lr = 0.0
         next_eval_s = (state["elapsed_s"] + cfg.eval_every_s) if cfg.eval_every_s else math.inf
@@ -518,8 +523,10 @@ def train(
             if dist_ctx.active:  # every rank follows rank 0's clock
                 elapsed = _broadcast_float(elapsed, device)
             if prev_elapsed is not None:  # training time per step (pauses are not in it)
-                dt = elapsed - prev_elapsed
-                step_time = dt if step_time == 0.0 else 0.9 * step_time + 0.1 * dt
+                if warm:
+                    recent_steps.append(elapsed - prev_elapsed)
+                    step_time = statistics.median(recent_steps)
+                warm = True
             prev_elapsed = elapsed
             if cfg.budget_s is not None:
                 if elapsed + 0.5 * step_time >= cfg.budget_s:

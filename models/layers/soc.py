@@ -147,8 +147,7 @@ class SOCConv2d(LipschitzConv2d):
         correction = (0.7 if kernel_size > 1 else 1.0) if correction is None else correction
         if not 0 < correction <= 1:
             raise ValueError(f"correction must be in (0, 1], got {correction!r}")
-        self.grad_mode = resolve_grad_mode(fast_grad)
-        self.fast_grad = fast_grad
+        self.fast_grad = fast_grad  # validated by the property setter
         self.train_terms, self.eval_terms = train_terms, eval_terms
         self.correction, self.bound = float(correction), bound
         self.weight = nn.Parameter(torch.randn(channels, channels, kernel_size, kernel_size))
@@ -162,6 +161,17 @@ class SOCConv2d(LipschitzConv2d):
                 v = torch.randn(r.shape[1])
                 _, v = power_iteration(lambda t, r=r: r @ t, lambda t, r=r: r.T @ t, v, init_iters)
                 self.register_buffer(f"v{i}", v)
+
+    @property
+    def fast_grad(self) -> bool | str:
+        """The training backward: False, True / ``"exact"`` or ``"paper"`` (settable)."""
+        return self._fast_grad
+
+    @fast_grad.setter
+    def fast_grad(self, value: bool | str) -> None:
+        # Validate before assigning, so a bad value leaves the layer unchanged.
+        self.grad_mode = resolve_grad_mode(value)
+        self._fast_grad = value
 
     def _vectors(self) -> list[torch.Tensor]:
         return [getattr(self, f"v{i}") for i in range(4)]
@@ -205,6 +215,6 @@ class SOCConv2d(LipschitzConv2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + (
             f", train_terms={self.train_terms}, eval_terms={self.eval_terms}, "
-            f"correction={self.correction:g}, bound={self.bound}"
-            + ("" if self.grad_mode is None else f", fast_grad={self.grad_mode}")
+            f"correction={self.correction:g}, bound={self.bound}, "
+            f"fast_grad={self.grad_mode or False}"
         )
