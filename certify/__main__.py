@@ -98,15 +98,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"attack check {attack['attacked']} of {attack['certified']} certified points attacked, "
         f"{attack['flipped']} flipped, max ‖δ‖/r {attack['max_relative_norm']:.4f}"
     )
+    flipped = attack["flipped"]
+    curvature = None
+    if args.curvature:
+        curvature = _curvature(path, meta, images, labels, args)
+        flipped += curvature["attack"]["flipped"]
     report = dict(
         model=str(path), dataset=args.dataset, points=int(len(y)), method=meta["method"],
         size=meta["size"], certificate=meta["certificate"], lipschitz_bound=meta["lipschitz_bound"],
         accuracy=acc, cra_curve=curve, audit=result.to_dict(), attack=attack, curve_png=str(png),
     )
+    if curvature is not None:
+        report["curvature"] = curvature
     out = Path(f"{stem}.certify.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote        {out}, {png}")
-    return 0 if attack["flipped"] == 0 else 1
+    return 0 if flipped == 0 else 1
+
+
+def _curvature(path: Path, meta: dict, images: Any, labels: Any, args: argparse.Namespace) -> dict:
+    """The CRC-Lip curvature certificate (python only: it needs the features): CRA + attack."""
+    from certify.attack import attack_check
+    from certify.curvature import curvature_radii
+    from certify.radius import STANDARD_EPS, eps_key
+    from models.export import load_twin
+    from models.heads import PlainCRCHead
+
+    twin = load_twin(path)
+    head = getattr(getattr(twin, "head", None), "head", None)
+    if not isinstance(head, PlainCRCHead):
+        raise ValueError(
+            f"--curvature needs a model with a CRC-Lip head; {path} has a "
+            f"{type(head).__name__} head ({meta.get('certificate')!r} certificate)"
+        )
+    radii, pred = curvature_radii(twin, images, body_bound=meta["lipschitz_bound_body"])
+    ok = pred == labels
+    cra = {eps_key(e): float(((radii > e) & ok).double().mean()) for e in STANDARD_EPS}
+    print("curvature certificate (CRC-Lip, features in torch)")
+    for e in STANDARD_EPS:
+        print(f"{e:<12.4f} {cra[eps_key(e)]:.4f}")
+    attack = attack_check(path, images, labels, steps=args.attack_steps, restarts=2,
+                          max_points=args.attack_points, radii=radii)
+    print(
+        f"attack check {attack['attacked']} of {attack['certified']} curvature-certified points "
+        f"attacked, {attack['flipped']} flipped, max ‖δ‖/r {attack['max_relative_norm']:.4f}"
+    )
+    return dict(accuracy=cra, attack=attack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attack-points", type=int, default=64)
     ev.add_argument("--attack-steps", type=int, default=100)
     ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--curvature", action="store_true",
+                    help="CRC-Lip models: also the curvature certificate, attack-checked")
     ev.set_defaults(func=cmd_evaluate)
     au = sub.add_parser("audit", help="per-layer Lipschitz audit table")
     au.add_argument("model")

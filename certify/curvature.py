@@ -20,7 +20,9 @@ certificate (a Newton-solved dual problem) is only valid when its solver converg
 the closed-form bound above, which needs no convergence argument.
 
 This certificate needs the *features* ``h``, not only the logits, so it is not what the ONNX
-service serves: an exported CRC-Lip model is audited with the generic bound ``L_b·‖W₂‖‖W₁‖``.
+service serves: an exported CRC-Lip model carries the logit-only *pairwise* certificate
+(:mod:`certify.radius`); ``python -m certify evaluate MODEL.onnx --curvature`` reports this one
+from the file's twin network and attack-checks it.
 """
 
 from __future__ import annotations
@@ -142,6 +144,35 @@ def curvature_radius(
 
 
 @torch.no_grad()
+def curvature_radii(
+    plain: torch.nn.Module, images: torch.Tensor, *, body_bound: float, batch: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Curvature radii and predictions of a plain body + CRC-Lip network on a set of images.
+
+    Args:
+        plain: ``Sequential(body=..., head=Sequential(head=PlainCRCHead))`` (``LipNet.export()``
+            or the twin of an exported file).
+        images: ``(N, C, H, W)`` images, uint8 (scaled by 1/255) or float in [0, 1].
+        body_bound: the audited body bound ``L_b``.
+        batch: evaluation batch size.
+
+    Returns:
+        ``(radii, predictions)``: ``(N,)`` float64 input-space radii and ``(N,)`` class indices.
+    """
+    head = plain.head.head
+    bounds = curvature_bounds(head)
+    radii, preds = [], []
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch].float()
+        if images.dtype == torch.uint8:
+            x = x / 255
+        h = plain.body(x)
+        radii.append(curvature_radius(h, head, body_bound, bounds=bounds))
+        preds.append(head(h).argmax(1).cpu())
+    return torch.cat(radii), torch.cat(preds)
+
+
+@torch.no_grad()
 def curvature_certified_accuracy(
     plain: torch.nn.Module,
     images: torch.Tensor,
@@ -166,20 +197,12 @@ def curvature_certified_accuracy(
     """
     from certify.radius import eps_key
 
-    head = plain.head.head
-    bounds = curvature_bounds(head)
-    radii, correct = [], []
-    for start in range(0, len(images), batch):
-        x = images[start : start + batch].float()
-        if images.dtype == torch.uint8:
-            x = x / 255
-        h = plain.body(x)
-        radius = curvature_radius(h, head, body_bound, bounds=bounds)
-        logits = head(h)
-        radii.append(radius)
-        correct.append(logits.argmax(1).cpu() == labels[start : start + batch].cpu())
-    r, ok = torch.cat(radii), torch.cat(correct)
+    r, pred = curvature_radii(plain, images, body_bound=body_bound, batch=batch)
+    ok = pred == labels.cpu()
     return {eps_key(e): float(((r > e) & ok).double().mean()) for e in eps}
 
 
-__all__ = ["CurvatureBounds", "curvature_bounds", "curvature_certified_accuracy", "curvature_radius"]
+__all__ = [
+    "CurvatureBounds", "curvature_bounds", "curvature_certified_accuracy", "curvature_radii",
+    "curvature_radius",
+]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +198,42 @@ def test_crc_pairwise_and_curvature_certificates_survive_the_attack(crc_model):
     assert set(acc) == {"0.1000", "0.5000"} and acc["0.1000"] >= acc["0.5000"]
     with pytest.raises(ValueError, match="radii must have shape"):
         attack_check(path, images, labels, radii=radii[:3])
+
+
+def test_certify_cli_reports_and_attacks_the_curvature_certificate(crc_model, tmp_path, capsys):
+    from certify.__main__ import main as certify_main
+
+    model, path, data = crc_model
+    local = tmp_path / "crc.onnx"
+    local.write_bytes(Path(path).read_bytes())
+    code = certify_main([
+        "evaluate", str(local), "--dataset", "digits", "--limit", "120", "--curvature",
+        "--attack-points", "16", "--attack-steps", "10",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0 and "curvature certificate" in out
+    report = json.loads(local.with_suffix(".certify.json").read_text())
+    twin = load_twin(local)
+    expected = curvature_certified_accuracy(
+        twin, data.test_images[:120], data.test_labels[:120], (36 / 255,),
+        body_bound=verify(local)["lipschitz_bound_body"],
+    )
+    assert report["curvature"]["accuracy"]["0.1412"] == expected["0.1412"]
+    assert report["curvature"]["attack"]["flipped"] == 0
+    assert report["curvature"]["attack"]["attacked"] > 0
+    # The curvature certificate sits above the pairwise one at every radius.
+    for key, value in report["curvature"]["accuracy"].items():
+        assert value >= report["accuracy"][key] - 1e-12
+
+
+def test_certify_cli_refuses_curvature_without_a_crc_head(tmp_path, capsys):
+    from certify.__main__ import main as certify_main
+
+    torch.manual_seed(0)
+    model = create_model("aol", size="xxs", in_channels=1, num_classes=10, image_size=8).eval()
+    path = to_onnx(model, tmp_path / "aol.onnx",
+                   metadata=dict(dataset="digits", classes=[str(i) for i in range(10)]))
+    code = certify_main(["evaluate", str(path), "--dataset", "digits", "--limit", "20",
+                         "--curvature", "--attack-points", "2", "--attack-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--curvature needs a model with a CRC-Lip head" in err

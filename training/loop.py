@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import FFT_METHODS, TrainConfig
+from training.config import DEFAULT_BATCH_SIZE, FFT_METHODS, TrainConfig
 from training.data import AUGMENTATIONS, Dataset, augment, load_dataset
 from training.loss import offset_cross_entropy, one_cycle_lr
 
@@ -391,6 +391,8 @@ def train(
     dist_ctx, device = setup_distributed(cfg.device)
     try:
         cfg = cfg.resolved()
+        if cfg.batch_size is None:
+            cfg = replace(cfg, batch_size=DEFAULT_BATCH_SIZE.get(device.type, 256))
         ckpt = load_checkpoint(resume) if resume is not None else None
         if data is None:
             data = load_dataset(cfg.dataset, cfg.data_dir)
