@@ -44,8 +44,11 @@ def test_resume_continues_the_step_count(tmp_path, capsys):
     assert main(["--method", "aol", "--epochs", "2", "--out", str(tmp_path), *QUICK]) == 0
     run = _only_run(tmp_path)
     first = json.loads((run / "report.json").read_text())
+    batch = json.loads((run / "config.json").read_text())["batch_size"]
+    assert batch == 64  # the CPU default, resolved and recorded
     assert (
-        first["steps_per_epoch"] == 1437 // 256 and first["steps"] == 2 * first["steps_per_epoch"]
+        first["steps_per_epoch"] == 1437 // batch
+        and first["steps"] == 2 * first["steps_per_epoch"]
     )
     weights_before = load_checkpoint(run)["model"]
 
@@ -149,8 +152,10 @@ def test_torchrun_two_cpu_processes(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] > 0
     assert abs(report["train_time_s"] - 2.0) <= 0.2
-    # Each step trained 2 x 128 images: the global batch was split between the processes.
-    assert report["images_per_s"] * report["train_time_s"] == pytest.approx(256 * report["steps"])
+    # Each step trained 2 x batch/2 images: the global batch was split between the processes.
+    batch = json.loads((run / "config.json").read_text())["batch_size"]
+    assert batch == 64
+    assert report["images_per_s"] * report["train_time_s"] == pytest.approx(batch * report["steps"])
     assert done.stdout.count("aol xxs digits:") == 1  # only rank 0 reports
 
 
