@@ -57,6 +57,7 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
     config = json.loads((run / "config.json").read_text())
     expected_lr = DEFAULT_LR_BY_SIZE.get((method, "xxs"), DEFAULT_LR[method])
     assert config["lr"] == expected_lr and config["method"] == method
+    assert config["batch_size"] == (256 if method in ("bcop", "lot") else 64)  # CPU defaults
     assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
     events = [
         json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = dict(
     size="xs",
     dataset="fashion-mnist",
     budget="5m",
-    batch_size=None,  # per device: training.config.DEFAULT_BATCH_SIZE
+    batch_size=None,  # per device and method: training.config.default_batch_size
     eps_train=36 / 255,
     temperature=0.25,
     seed=0,
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", help="wall-clock training budget per run: 90s, 5m, 1h (default 5m)"
     )
     when.add_argument("--epochs", type=int, help="train for N epochs instead of a budget")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 256 on CUDA, 64 on CPU)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 256 on CUDA; on CPU 64, 256 for bcop and lot)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: per method)")
     p.add_argument(

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import DEFAULT_BATCH_SIZE, FFT_METHODS, TrainConfig
+from training.config import FFT_METHODS, TrainConfig, default_batch_size
 from training.data import AUGMENTATIONS, Dataset, augment, load_dataset
 from training.loss import offset_cross_entropy, one_cycle_lr
 
@@ -392,7 +392,7 @@ def train(
     try:
         cfg = cfg.resolved()
         if cfg.batch_size is None:
-            cfg = replace(cfg, batch_size=DEFAULT_BATCH_SIZE.get(device.type, 256))
+            cfg = replace(cfg, batch_size=default_batch_size(cfg.method, device.type))
         ckpt = load_checkpoint(resume) if resume is not None else None
         if data is None:
             data = load_dataset(cfg.dataset, cfg.data_dir)
