@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.ops import apply_spectrum, spectrum_to_circular_kernel
 from models.layers.cayley import CayleyConv2d
+from models.ops import apply_spectrum, spectrum_to_circular_kernel
 from models.plain import CircularConv2d, FourierConv2d
 
 CASES = [(16, 32, 1), (16, 32, 64), (64, 8, 1), (64, 8, 64)]  # (channels, n, batch)
@@ -91,9 +91,13 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(batch, channels, n, n)
             with torch.no_grad():
                 q = layer.spectrum(n, layer.weight.double())
-                ref = (apply_spectrum(x.double(), q) + layer.bias.double().view(1, -1, 1, 1)).float()
+                ref = (
+                    apply_spectrum(x.double(), q) + layer.bias.double().view(1, -1, 1, 1)
+                ).float()
             for name, module in forms.items():
-                sess = _ort_session(module, x[:2], Path(tmp) / f"form{len(name)}.onnx", args.threads)
+                sess = _ort_session(
+                    module, x[:2], Path(tmp) / f"form{len(name)}.onnx", args.threads
+                )
                 feed = {"x": x.numpy()}
                 out = torch.from_numpy(sess.run(None, feed)[0])
                 err = (out - ref).abs().max().item() if "reference" not in name else float("nan")
@@ -109,9 +113,9 @@ def _train_table(repeats: int, methods: tuple[str, ...] = ("aol", "bcop", "cayle
     for method in methods:
         layer = create_layer(method, 16, 3).train()
 
-        def step() -> None:
+        def step(layer: nn.Module = layer) -> None:
             layer.zero_grad(set_to_none=True)
-            layer(x).square().mean().backward()  # noqa: B023
+            layer(x).square().mean().backward()
 
         times[method] = _median_ms(step, repeats)
     print("| method | fwd+bwd ms (c=16, 32×32, batch 64) | × AOL |")

@@ -336,9 +336,9 @@ def layers_markdown(doc: dict[str, Any]) -> str:
              "formula_infer_gmacs_vs_standard"]
     out.append(markdown_table(
         rows, ["method", "size", *fcols],
-        ["method", "size", "train GFLOP/step", "param GFLOP", "infer GFLOP/img", "formula train GMAC",
-         "formula train MiB", "formula infer GMAC/img", "formula infer MiB", "train FLOP ×std",
-         "formula train ×std", "infer FLOP ×std", "formula infer ×std"],
+        ["method", "size", "train GFLOP/step", "param GFLOP", "infer GFLOP/img",
+         "formula train GMAC", "formula train MiB", "formula infer GMAC/img", "formula infer MiB",
+         "train FLOP ×std", "formula train ×std", "infer FLOP ×std", "formula infer ×std"],
     ))
     out.append("\n**Per-layer formulas** (C = b·s²·c²·k², M = b·s²·c + c²·k²)\n\n")
     out.append(markdown_table(

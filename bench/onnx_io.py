@@ -43,7 +43,9 @@ def export_onnx(
         to_onnx = None
     if to_onnx is not None:
         try:
-            out = to_onnx(model, path, input_shape=tuple(input_shape), metadata=dict(metadata or {}))
+            out = to_onnx(
+                model, path, input_shape=tuple(input_shape), metadata=dict(metadata or {})
+            )
             return Path(out), "models.export.to_onnx"
         except (TypeError, ValueError, NotImplementedError) as err:
             # Benchmarks run on untrained models; an exporter that insists on training metadata

@@ -142,7 +142,8 @@ def pick_epsilon(rows: Sequence[dict[str, Any]], wanted: str | None) -> str | No
 
 
 def radar_values(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per row (keyed by method): each radar axis normalized to (0, 1], best = 1, None if missing."""
+    """Per row (keyed by method): each radar axis normalized to (0, 1], best = 1, None if
+    missing."""
     out: dict[str, dict[str, float | None]] = {r["method"]: {} for r in rows}
     for axis in RADAR_AXES:
         vals = {r["method"]: r.get(f"axis_{axis}") for r in rows}
@@ -196,7 +197,9 @@ def build_report(
     """
     reports, benches = discover([*runs, *bench_files])
     if not reports:
-        raise ValueError(f"no training report (report.json) found under {', '.join(map(str, runs))}")
+        raise ValueError(
+            f"no training report (report.json) found under {', '.join(map(str, runs))}"
+        )
     rows = [normalize_training_report(doc, str(path.parent)) for path, doc in reports]
     bench, batches = _bench_index(benches)
     big = max(batches) if batches else None
@@ -239,7 +242,8 @@ def build_report(
                                    out / f"{name}.png", dataset))
 
     doc = dict(benchmark="report", epsilon=eps, rows=joined, radar=radar,
-               inputs=dict(reports=[str(p) for p, _ in reports], bench=[str(p) for p, _ in benches]))
+               inputs=dict(reports=[str(p) for p, _ in reports],
+                           bench=[str(p) for p, _ in benches]))
     files["json"] = str(out / "report.json")
     files["csv"] = str(write_csv(joined, out / "report.csv"))
     files["markdown"] = str(out / "report.md")

@@ -114,7 +114,9 @@ def attack_check(
     if radii is None:
         radius = certified_radius(logits, **certificate_kwargs(meta))
     else:
-        radius = np.asarray(radii.detach().cpu() if torch.is_tensor(radii) else radii, dtype=np.float64)
+        radius = np.asarray(
+            radii.detach().cpu() if torch.is_tensor(radii) else radii, dtype=np.float64
+        )
         if radius.shape != (len(x_all),):
             raise ValueError(f"radii must have shape ({len(x_all)},), got {radius.shape}")
     pred = logits.argmax(axis=1)

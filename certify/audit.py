@@ -295,7 +295,10 @@ def _bound_residual(m: plain.ResidualConv2d, shape: tuple[int, ...]) -> tuple[fl
         return _round_up(1 + k_norm**2 * float(scale.abs().max())), "1 + |scale|·‖K‖² (signed)"
     v = kernel * scale.sqrt().view(-1, 1, 1, 1)
     v_norm = _round_up(zero_padded_conv_norm(v, n, w, p, p))
-    return _round_up(max(1.0, v_norm**2 - 1)), f"max(1, ‖√s·K‖² − 1), ‖·‖ at {n + 2 * p}x{w + 2 * p}"
+    return (
+        _round_up(max(1.0, v_norm**2 - 1)),
+        f"max(1, ‖√s·K‖² − 1), ‖·‖ at {n + 2 * p}x{w + 2 * p}",
+    )
 
 
 def _bound_conv_exponential(m: plain.ConvExponential, shape: tuple[int, ...]) -> tuple[float, str]:
@@ -343,7 +346,9 @@ _RULES: dict[type[nn.Module], Callable[[nn.Module, tuple[int, ...]], tuple[float
 
 def _affine_types() -> tuple[type[nn.Module], ...]:
     """Plain module types that are affine maps (their Jacobian is constant)."""
-    types: list[type[nn.Module]] = [plain.CircularConv2d, nn.Conv2d, plain.ConvExponential, nn.Linear]
+    types: list[type[nn.Module]] = [
+        plain.CircularConv2d, nn.Conv2d, plain.ConvExponential, nn.Linear
+    ]
     fourier = getattr(plain, "FourierConv2d", None)  # Cayley / LOT export form, when present
     if fourier is not None:
         types.append(fourier)
@@ -531,7 +536,11 @@ def audit(
         parts = [("body", names["body"]), ("head", names["head"])]
     else:
         parts = [("body", model)]
-    leaves = [(part, *leaf) for part, mod in parts for leaf in _leaves(mod, part if len(parts) > 1 else "")]
+    leaves = [
+        (part, *leaf)
+        for part, mod in parts
+        for leaf in _leaves(mod, part if len(parts) > 1 else "")
+    ]
     shapes = _trace_shapes(model, shape, [(n, m) for _, n, m in leaves])
     rows: list[LayerBound] = []
     gen = torch.Generator().manual_seed(0)
@@ -581,7 +590,9 @@ def audit(
                 names["body"], shape, steps=lower_steps, points=lower_points
             )
         if result.lower > result.bound * (1 + 1e-6):
-            raise AuditError(f"whole-network estimate {result.lower} exceeds the bound {result.bound}")
+            raise AuditError(
+                f"whole-network estimate {result.lower} exceeds the bound {result.bound}"
+            )
     logger.info("audit at %s: bound %.6f (body %.6f, head %.6f), lower %s",
                 shape, result.bound, body_bound, head_bound, result.lower)
     return result

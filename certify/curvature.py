@@ -54,8 +54,11 @@ class CurvatureBounds:
     gradient: torch.Tensor
 
 
-def _head_tensors(head: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """``(W₁, b₁, W₂, b₂, β)`` in float64 from a :class:`models.heads.PlainCRCHead` or ``CRCHead``."""
+def _head_tensors(
+    head: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """``(W₁, b₁, W₂, b₂, β)`` in float64 from a :class:`models.heads.PlainCRCHead` or
+    ``CRCHead``."""
     if hasattr(head, "w1"):
         w1, b1, w2, b2 = head.w1, head.b1, head.w2, head.b2
     elif hasattr(head, "linear1"):

@@ -100,7 +100,9 @@ def _as_logits(logits: Any) -> tuple[torch.Tensor, bool]:
 def _check_bound(lipschitz_bound: float) -> float:
     value = float(lipschitz_bound)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"lipschitz_bound must be a finite positive number, got {lipschitz_bound!r}")
+        raise ValueError(
+            f"lipschitz_bound must be a finite positive number, got {lipschitz_bound!r}"
+        )
     return value
 
 
@@ -120,7 +122,6 @@ def certified_radius(
             is given.
         head: ``(C, d)`` rows ``w_j`` of the linear head (selects the linear-head certificate).
         head_distances: precomputed ``(C, C)`` matrix ``‖w_i − w_j‖₂`` (see
-            
             :func:`head_row_distances`), an alternative to ``head``; what exported models store.
 
     Returns:
@@ -152,7 +153,9 @@ def certified_radius(
         else:
             dist = torch.as_tensor(np.asarray(head_distances, dtype=np.float64))
         if dist.shape != (c, c):
-            raise ValueError(f"head distances must be ({c}, {c}) for {c} logits, got {tuple(dist.shape)}")
+            raise ValueError(
+                f"head distances must be ({c}, {c}) for {c} logits, got {tuple(dist.shape)}"
+            )
         margins = z_y - z - float_slack(z_y, z)  # (N, C)
         d_y = dist[y]  # (N, C): ‖w_y − w_j‖
         ratio = margins / (bound * d_y)

@@ -56,7 +56,9 @@ class HouseholderActivation(nn.Module):
     def __init__(self, channels: int, theta: float = math.pi / 2) -> None:
         super().__init__()
         if not isinstance(channels, int) or channels < 2 or channels % 2:
-            raise ValueError(f"HouseholderActivation needs an even channel count >= 2, got {channels!r}")
+            raise ValueError(
+                f"HouseholderActivation needs an even channel count >= 2, got {channels!r}"
+            )
         self.channels = channels
         self.theta = nn.Parameter(torch.full((1, channels // 2, 1, 1), float(theta)))
 

@@ -200,20 +200,27 @@ def verify(path: str | Path, *, max_bound: float | None = None) -> dict[str, Any
     if "lipcert_format" not in meta:
         raise fail("no lipcert metadata (not exported by models.export.to_onnx)")
     if str(meta["lipcert_format"]) != LIPCERT_FORMAT:
-        raise fail(f"lipcert_format {meta['lipcert_format']!r}; this version reads {LIPCERT_FORMAT}")
+        raise fail(
+            f"lipcert_format {meta['lipcert_format']!r}; this version reads {LIPCERT_FORMAT}"
+        )
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise fail(f"metadata lacks {', '.join(missing)}")
     digest = weights_sha256(model)
     if digest != meta["weights_sha256"]:
-        raise fail(f"weights_sha256 mismatch: file has {digest}, metadata says {meta['weights_sha256']}")
+        raise fail(
+            f"weights_sha256 mismatch: file has {digest}, "
+            f"metadata says {meta['weights_sha256']}"
+        )
     bounds = {}
     for key in ("lipschitz_bound", "lipschitz_bound_body", "lipschitz_bound_head"):
         value = meta[key]
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise fail(f"{key} must be a finite positive number, got {value!r}")
         bounds[key] = float(value)
-    if bounds["lipschitz_bound"] < bounds["lipschitz_bound_body"] * bounds["lipschitz_bound_head"] * (1 - 1e-12):
+    if bounds["lipschitz_bound"] < (
+        bounds["lipschitz_bound_body"] * bounds["lipschitz_bound_head"] * (1 - 1e-12)
+    ):
         raise fail("lipschitz_bound is below lipschitz_bound_body * lipschitz_bound_head")
     if max_bound is not None and bounds["lipschitz_bound"] > max_bound:
         raise fail(f"lipschitz_bound {bounds['lipschitz_bound']} exceeds the allowed {max_bound}")
@@ -221,13 +228,25 @@ def verify(path: str | Path, *, max_bound: float | None = None) -> dict[str, Any
     if not isinstance(classes, list) or len(classes) < 2:
         raise fail(f"classes must be a JSON list of >= 2 names, got {classes!r}")
     if meta["certificate"] not in CERTIFICATES:
-        raise fail(f"unknown certificate {meta['certificate']!r}; choose from {', '.join(CERTIFICATES)}")
+        raise fail(
+            f"unknown certificate {meta['certificate']!r}; "
+            f"choose from {', '.join(CERTIFICATES)}"
+        )
     if meta["certificate"] in HEAD_CERTIFICATES:
         dist = np.asarray(meta.get("head_distances"), dtype=np.float64)
-        if dist.shape != (len(classes), len(classes)) or not np.isfinite(dist).all() or (dist < 0).any():
-            raise fail(f"head_distances must be a {len(classes)}x{len(classes)} non-negative matrix")
+        if (
+            dist.shape != (len(classes), len(classes))
+            or not np.isfinite(dist).all()
+            or (dist < 0).any()
+        ):
+            raise fail(
+                f"head_distances must be a {len(classes)}x{len(classes)} non-negative matrix"
+            )
     graph = model.graph
-    if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [OUTPUT_NAME]:
+    if (
+        [i.name for i in graph.input] != [INPUT_NAME]
+        or [o.name for o in graph.output] != [OUTPUT_NAME]
+    ):
         raise fail(f"graph must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
     dims = [d.dim_value or d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     if list(dims[1:]) != list(meta["input_shape"]):
@@ -388,7 +407,9 @@ def to_onnx(
     delta = _parity(_session(path), plain, shape)
     if not delta <= PARITY_ATOL:
         raise ExportError(f"ONNX Runtime differs from torch by {delta:.3g} > {PARITY_ATOL}")
-    logger.info("exported %s: bound %.6f (%s), parity %.2g", path, result.bound, result.certificate, delta)
+    logger.info(
+        "exported %s: bound %.6f (%s), parity %.2g", path, result.bound, result.certificate, delta
+    )
     return path
 
 
@@ -457,7 +478,9 @@ def load_twin(path: str | Path, *, session: Any = None) -> nn.Module:
             raise ModelVerificationError(f"{path}: no initializer {key!r} for the twin")
         value = torch.from_numpy(numpy_helper.to_array(inits[key]).copy())
         if value.shape != ref.shape:
-            raise ModelVerificationError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+            raise ModelVerificationError(
+                f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+            )
         state[key] = value.to(ref.dtype)
     twin.load_state_dict(state, strict=True)
     twin.eval().requires_grad_(False)
@@ -469,7 +492,7 @@ def load_twin(path: str | Path, *, session: Any = None) -> nn.Module:
 
 
 __all__ = [
-    "CERTIFICATES", "ExportError", "HEAD_CERTIFICATES", "LIPCERT_FORMAT", "METADATA_KEYS", "ModelVerificationError",
-    "OPSET", "PARITY_ATOL", "certificate_kwargs", "load_onnx", "load_twin", "read_metadata",
-    "to_onnx", "to_plain", "verify", "weights_sha256",
+    "CERTIFICATES", "ExportError", "HEAD_CERTIFICATES", "LIPCERT_FORMAT", "METADATA_KEYS",
+    "ModelVerificationError", "OPSET", "PARITY_ATOL", "certificate_kwargs", "load_onnx",
+    "load_twin", "read_metadata", "to_onnx", "to_plain", "verify", "weights_sha256",
 ]

@@ -186,7 +186,9 @@ class PlainCRCHead(nn.Module):
     certificate = "pairwise"
     beta = CRC_BETA
 
-    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> None:
+    def __init__(
+        self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+    ) -> None:
         super().__init__()
         for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
             self.register_buffer(name, t.detach().float().clone())
@@ -226,4 +228,6 @@ def create_head(name: str, in_features: int, num_classes: int) -> nn.Module:
     raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEADS)}")
 
 
-__all__ = ["CRC_BETA", "HEADS", "CRCHead", "LLNLinear", "PlainCRCHead", "PlainLLNHead", "create_head"]
+__all__ = [
+    "CRC_BETA", "HEADS", "CRCHead", "LLNLinear", "PlainCRCHead", "PlainLLNHead", "create_head",
+]

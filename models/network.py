@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from models.activations import ACTIVATIONS, create_activation
-from models.blocks import Flatten, FirstChannels, InputCentering, ZeroChannelConcat, ZeroPad
+from models.blocks import FirstChannels, Flatten, InputCentering, ZeroChannelConcat, ZeroPad
 from models.heads import HEADS, create_head
 from models.pooling import POOLS, create_pool
 from models.registry import layer_class
@@ -65,7 +65,9 @@ def _export_module(module: nn.Module) -> nn.Module:
     if hasattr(module, "export"):
         return module.export()
     if isinstance(module, nn.Sequential):
-        return nn.Sequential(OrderedDict((n, _export_module(m)) for n, m in module.named_children()))
+        return nn.Sequential(
+            OrderedDict((n, _export_module(m)) for n, m in module.named_children())
+        )
     import copy
 
     return copy.deepcopy(module)
@@ -114,7 +116,9 @@ class LipNet(nn.Module):
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
+            raise ValueError(
+                f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}"
+            )
         if pool is not None and pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; choose from None, {', '.join(POOLS)}")
         if size not in SIZES:

@@ -147,7 +147,9 @@ def circular_conv_spectrum(
     return torch.einsum("fs,gt,oist->fgoi", eh, ew, k)
 
 
-def circular_conv_singular_values(kernel: torch.Tensor, n: int, m: int | None = None) -> torch.Tensor:
+def circular_conv_singular_values(
+    kernel: torch.Tensor, n: int, m: int | None = None
+) -> torch.Tensor:
     """All singular values of the circular convolution on ``n × m`` (exact up to rounding)."""
     return torch.linalg.svdvals(circular_conv_spectrum(kernel, n, m))
 
@@ -181,7 +183,8 @@ def apply_spectrum(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     Args:
         x: ``(B, c_in, n, m)`` real.
-        q: ``(n, m//2 + 1, c_out, c_in)`` complex (e.g. ``circular_conv_spectrum(..., onesided=True)``).
+        q: ``(n, m//2 + 1, c_out, c_in)`` complex (e.g.
+            ``circular_conv_spectrum(..., onesided=True)``).
 
     Returns:
         ``(B, c_out, n, m)`` real.

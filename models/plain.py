@@ -60,7 +60,9 @@ class ResidualConv2d(nn.Module):
     ``I − Vᵀ D V`` with diagonal ``D ∈ [0, 1]``, so the norm is ``max(1, ‖V‖² − 1)``.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())

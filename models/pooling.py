@@ -33,7 +33,9 @@ def _safe_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``√(x² + y²)`` with a zero (not NaN) gradient at the origin, exact elsewhere."""
     sq = x * x + y * y
     pos = sq > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+    return torch.where(
+        pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq)
+    )
 
 
 def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) -> torch.Tensor:

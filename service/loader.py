@@ -13,7 +13,8 @@ input/output), the bound the certificate divides by is present, finite, positive
 Standard, unconstrained network therefore is refused: DESIGN's rule, even though dividing by a
 larger bound would still give sound radii), the body bound for the head certificates
 (``linear_head``: LLN and linear heads; ``pairwise``: CRC-Lip), whose heads are not 1-Lipschitz by
-design and are certified through ``head_distances``, the metadata's input shape and classes agree with the ONNX graph, and the session runs.
+design and are certified through ``head_distances``, the metadata's input shape and classes agree
+with the ONNX graph, and the session runs.
 
 At load each session is profiled: resident memory added by creating and warming it (RSS delta,
 so approximate), and latency percentiles of a few runs at batch 1 and at the batching size.

@@ -34,7 +34,9 @@ class Prediction(BaseModel):
         description="the same radius in the uploaded image's own [0,1] pixels, where the "
         "preprocessing is linear with a known norm; null otherwise")
     lipschitz_bound: float = Field(description="the audited bound the radius divides by")
-    certificate: str = Field(description="generic, linear_head (LLN, linear heads) or pairwise (CRC-Lip) certificate")
+    certificate: str = Field(
+        description="generic, linear_head (LLN, linear heads) or pairwise (CRC-Lip) "
+        "certificate")
     inference_ms: float = Field(description="ONNX Runtime time of the (batched) run")
     preprocessing: list[str] = Field(default_factory=list,
                                      description="steps that mapped the upload to the input")

@@ -39,8 +39,8 @@ def adversarial_steps(layer: nn.Module, shape: tuple[int, ...], steps: int = 20)
 
 def feature_attack(head: nn.Module, h: torch.Tensor, y: torch.Tensor, radius: torch.Tensor,
                    steps: int = 200, restarts: int = 3, seed: int = 0) -> torch.Tensor:
-    """PGD on ``head`` inside ``‖δ‖ < 0.999·radius`` around ``h``: the smallest margin of ``y`` found
-    (float64; negative = a flip inside the radius)."""
+    """PGD on ``head`` inside ``‖δ‖ < 0.999·radius`` around ``h``: the smallest margin of ``y``
+    found (float64; negative = a flip inside the radius)."""
     gen = torch.Generator().manual_seed(seed)
     cap = radius[:, None] * 0.999
     best = torch.full((len(h),), math.inf, dtype=torch.float64)

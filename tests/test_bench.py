@@ -1,4 +1,5 @@
-"""bench: each subcommand on tiny settings, through the real CLI; the formulas against FlopCounter."""
+"""bench: each subcommand on tiny settings, through the real CLI; the formulas against
+FlopCounter."""
 
 from __future__ import annotations
 
@@ -97,7 +98,9 @@ def test_report_joins_runs_with_bench_and_plots(layers_out, tmp_path):
     doc = json.loads((out / "report.json").read_text())
     rows = {r["method"]: r for r in doc["rows"]}
     assert doc["epsilon"] == "0.1412"
-    bench = {r["method"]: r for r in json.loads((layers_out / "layers.json").read_text())["results"]}
+    bench = {
+        r["method"]: r for r in json.loads((layers_out / "layers.json").read_text())["results"]
+    }
     assert rows["aol"]["bench_train_ms"] == bench["aol"]["train_ms"]
     assert rows["aol"]["radar_RA"] == 1.0 and rows["standard"]["radar_RA"] == 0.0
     assert rows["standard"]["radar_A"] == 1.0
@@ -136,7 +139,8 @@ class _StandIn(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/models":
             self._send(200, dict(default_model="tiny", models=[
-                dict(name="tiny", input_shape=[1, 8, 8]), dict(name="broken", input_shape=[1, 8, 8]),
+                dict(name="tiny", input_shape=[1, 8, 8]),
+                dict(name="broken", input_shape=[1, 8, 8]),
             ]))
         elif self.path == "/predict_tensor" and body.get("model") == "tiny":
             x = np.asarray(body["images"], dtype=np.float32)
@@ -151,7 +155,9 @@ class _StandIn(BaseHTTPRequestHandler):
 def stand_in(layers_out):
     from bench.onnx_io import ort_session
 
-    handler = type("Handler", (_StandIn,), {"session": ort_session(layers_out / "onnx" / "aol-xxs.onnx")})
+    handler = type(
+        "Handler", (_StandIn,), {"session": ort_session(layers_out / "onnx" / "aol-xxs.onnx")}
+    )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

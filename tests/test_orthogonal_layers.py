@@ -67,7 +67,9 @@ def test_spectral_norm_upper_bound_is_an_upper_bound_and_tight_when_orthogonal()
     w = torch.randn(20, 8, 8, dtype=torch.float64)
     assert (spectral_norm_upper_bound(w).flatten() >= torch.linalg.matrix_norm(w, 2) - 1e-12).all()
     q = 3 * torch.linalg.qr(w)[0]
-    torch.testing.assert_close(spectral_norm_upper_bound(q).flatten(), torch.full((20,), 3.0).double())
+    torch.testing.assert_close(
+        spectral_norm_upper_bound(q).flatten(), torch.full((20,), 3.0).double()
+    )
 
 
 def test_newton_schulz_inverse_sqrt_accuracy_and_lot_polar_factor():

@@ -1,4 +1,5 @@
-"""The service's loader with head certificates: LLN and CRC-Lip models are served on their body bound."""
+"""The service's loader with head certificates: LLN and CRC-Lip models are served on their body
+bound."""
 
 from __future__ import annotations
 

@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", help="wall-clock training budget per run: 90s, 5m, 1h (default 5m)"
     )
     when.add_argument("--epochs", type=int, help="train for N epochs instead of a budget")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 256 on CUDA; on CPU 64, 256 for bcop and lot)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="global batch size (default 256 on CUDA; on CPU 64, 256 for bcop and lot)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: per method)")
     p.add_argument(
@@ -237,9 +241,10 @@ class _Progress:
     def finish(self, report: dict[str, Any]) -> None:
         """Show the finished run (the last update may be up to ``guard_every`` steps old)."""
         # Clamp: tqdm drops ``total`` (and our bar format with it) once n passes total + 0.5.
-        self.bar.n = (
-            round(min(report["train_time_s"], self.bar.total), 1) if self.budget else report["steps"]
-        )
+        if self.budget:
+            self.bar.n = round(min(report["train_time_s"], self.bar.total), 1)
+        else:
+            self.bar.n = report["steps"]
         self.bar.refresh()
 
     def close(self) -> None:

@@ -211,7 +211,9 @@ class TrainConfig:
         if self.pool is not None and self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; choose from none, {', '.join(POOLS)}")
         if not (math.isfinite(self.curvature_weight) and self.curvature_weight >= 0):
-            raise ValueError(f"curvature_weight must be finite and >= 0, got {self.curvature_weight}")
+            raise ValueError(
+                f"curvature_weight must be finite and >= 0, got {self.curvature_weight}"
+            )
         if self.curvature_weight > 0 and self.head != "crc":
             raise ValueError(f"curvature_weight applies to head 'crc' only, not {self.head!r}")
         object.__setattr__(self, "layer_options", dict(self.layer_options or {}))

@@ -45,7 +45,10 @@ def block_orthogonal_kernel(ortho: torch.Tensor, projectors: torch.Tensor) -> to
     kernel = ortho[None, None]  # (1, 1, c, c): spatial dims first while we build it
     for p, r in zip(projectors[0::2], projectors[1::2], strict=True):
         step = torch.stack(
-            [torch.stack([p @ r, p @ (eye - r)]), torch.stack([(eye - p) @ r, (eye - p) @ (eye - r)])]
+            [
+                torch.stack([p @ r, p @ (eye - r)]),
+                torch.stack([(eye - p) @ r, (eye - p) @ (eye - r)]),
+            ]
         )  # (2, 2, c, c)
         kernel = _matrix_conv(kernel, step)
     return kernel.permute(2, 3, 0, 1)
