@@ -15,31 +15,10 @@ would report the parent's size.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from typing import Any
 
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    """The address space's peak RSS: VmHWM where /proc exists, else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+from training.memory import peak_rss_bytes, reset_peak_rss
 
 
 def probe(spec: dict[str, Any]) -> dict[str, float]:
@@ -73,7 +52,7 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
         F.cross_entropy(warm(torch.zeros(1, 2, 4, 4)).flatten(1), torch.zeros(1).long()).backward()
         warm_opt.step()
     del warm, warm_opt
-    _reset_peak_rss()
+    reset_peak_rss()
     baseline = psutil.Process().memory_info().rss
     if mode == "onnx":
         session = ort_session(spec["onnx_path"], device="cpu")
@@ -96,7 +75,7 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
             with torch.no_grad():
                 for _ in range(2):
                     model(x)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return dict(
         baseline_mb=baseline / 2**20, peak_mb=peak / 2**20, delta_mb=max(peak - baseline, 0) / 2**20
     )

@@ -26,9 +26,7 @@ import json
 import logging
 import math
 import os
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -42,6 +40,7 @@ from torch import nn
 from training.config import FFT_METHODS, TrainConfig, default_batch_size
 from training.data import AUGMENTATIONS, Dataset, augment, load_dataset
 from training.loss import offset_cross_entropy, one_cycle_lr
+from training.memory import peak_rss_bytes, reset_peak_rss
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +139,7 @@ class _Stopwatch:
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return int(rss_kib * (1 if sys.platform == "darwin" else 1024)), "cpu_peak_rss"
+    return peak_rss_bytes(), "cpu_peak_rss"
 
 
 def _run_dir(cfg: TrainConfig) -> Path:
@@ -499,6 +497,8 @@ def train(
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        else:  # a sweep runs one model after another in this process: each reports its own peak
+            reset_peak_rss()
         clock = _Stopwatch(device, offset=state["elapsed_s"])
         # NaN guard. ``good``: states each followed by a finite window, newest last (the first is
         # the start). ``pending``, the latest finite state, joins them once the next window is
