@@ -497,7 +497,7 @@ def train(
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        else:  # a sweep runs one model after another in this process: each reports its own peak
+        else:  # a sweep runs one model after another in this process: forget earlier peaks
             reset_peak_rss()
         clock = _Stopwatch(device, offset=state["elapsed_s"])
         # NaN guard. ``good``: states each followed by a finite window, newest last (the first is

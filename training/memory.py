@@ -3,7 +3,9 @@
 ``getrusage``'s ``ru_maxrss`` only ever grows (and Linux carries it across ``execve``): in a
 sweep every run after the largest would report that run's peak. The kernel's per-address-space
 high-water mark (``VmHWM`` in ``/proc/self/status``) can be reset to the current RSS through
-``/proc/self/clear_refs`` (Linux >= 4.0); elsewhere ``ru_maxrss`` is the fallback.
+``/proc/self/clear_refs`` (Linux >= 4.0); elsewhere ``ru_maxrss`` is the fallback. The reset
+sets the mark to the *current* RSS, so memory an allocator kept from an earlier run still counts:
+per-method figures free of that need a process per method.
 """
 
 from __future__ import annotations
