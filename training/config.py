@@ -55,6 +55,8 @@ def default_batch_size(method: str, device_type: str) -> int:
     if device_type == "cpu" and method in DEFAULT_CPU_BATCH_BY_METHOD:
         return DEFAULT_CPU_BATCH_BY_METHOD[method]
     return DEFAULT_BATCH_SIZE.get(device_type, 256)
+
+
 #: The radii reported at every evaluation (the comparison paper's).
 EVAL_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
 DEVICES = ("auto", "cpu", "cuda")
