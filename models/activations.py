@@ -24,9 +24,13 @@ Padding: not applicable (pointwise in space).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from models.blocks import MaxMin
+from models.registry import check_name
 
 
 def _householder(x: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
@@ -110,7 +114,12 @@ class PlainHouseholder(nn.Module):
         return f"{2 * self.vx.shape[1]}"
 
 
-ACTIVATIONS = ("maxmin", "hh")
+#: The activations: name → class ``(channels)``; ``maxmin`` is the paper's.
+ACTIVATION_CLASSES: dict[str, Callable[[int], nn.Module]] = {
+    "maxmin": lambda channels: MaxMin(),
+    "hh": HouseholderActivation,
+}
+ACTIVATIONS = tuple(ACTIVATION_CLASSES)
 
 
 def create_activation(name: str, channels: int) -> nn.Module:
@@ -119,13 +128,11 @@ def create_activation(name: str, channels: int) -> nn.Module:
     Raises:
         ValueError: unknown name.
     """
-    from models.blocks import MaxMin
-
-    if name == "maxmin":
-        return MaxMin()
-    if name == "hh":
-        return HouseholderActivation(channels)
-    raise ValueError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+    check_name("activation", name, ACTIVATIONS)
+    return ACTIVATION_CLASSES[name](channels)
 
 
-__all__ = ["ACTIVATIONS", "HouseholderActivation", "PlainHouseholder", "create_activation"]
+__all__ = [
+    "ACTIVATIONS", "ACTIVATION_CLASSES", "HouseholderActivation", "PlainHouseholder",
+    "create_activation",
+]

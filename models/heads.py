@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.registry import check_name
+
+#: Every head LipNet takes: its own 1x1 convolution (``linear``) or one of :data:`HEAD_CLASSES`.
 HEADS = ("linear", "lln", "crc")
 #: Softplus slope ``β``; ``softplus_β'' ∈ (0, β/4]`` is the curvature bound the certificate uses.
 CRC_BETA = 1.0
@@ -215,19 +218,21 @@ class PlainCRCHead(nn.Module):
         return f"{self.w1.shape[1]} -> {self.w1.shape[0]} -> {self.w2.shape[0]}, softplus"
 
 
+#: The heads built over the flattened features: name → class ``(in_features, num_classes)``.
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"lln": LLNLinear, "crc": CRCHead}
+
+
 def create_head(name: str, in_features: int, num_classes: int) -> nn.Module:
-    """``"lln"`` → :class:`LLNLinear`, ``"crc"`` → :class:`CRCHead` (``"linear"`` is LipNet's own).
+    """A head of :data:`HEAD_CLASSES` (``"linear"`` is LipNet's own convolution, not built here).
 
     Raises:
         ValueError: unknown name.
     """
-    if name == "lln":
-        return LLNLinear(in_features, num_classes)
-    if name == "crc":
-        return CRCHead(in_features, num_classes)
-    raise ValueError(f"unknown head {name!r}; choose from {', '.join(HEADS)}")
+    check_name("head", name, tuple(HEAD_CLASSES))
+    return HEAD_CLASSES[name](in_features, num_classes)
 
 
 __all__ = [
-    "CRC_BETA", "HEADS", "CRCHead", "LLNLinear", "PlainCRCHead", "PlainLLNHead", "create_head",
+    "CRC_BETA", "HEADS", "HEAD_CLASSES", "CRCHead", "LLNLinear", "PlainCRCHead", "PlainLLNHead",
+    "create_head",
 ]

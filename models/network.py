@@ -36,7 +36,7 @@ from models.activations import ACTIVATIONS, create_activation
 from models.blocks import FirstChannels, Flatten, InputCentering, ZeroChannelConcat, ZeroPad
 from models.heads import HEADS, create_head
 from models.pooling import POOLS, create_pool
-from models.registry import layer_class
+from models.registry import check_name, layer_class, register_network
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,13 @@ def list_sizes() -> list[str]:
     return list(SIZES)
 
 
+def check_options(*, head: str, activation: str, pool: str | None) -> None:
+    """Raise ``ValueError`` naming a head, activation or pool LipNet does not know."""
+    check_name("head", head, HEADS)
+    check_name("activation", activation, ACTIVATIONS)
+    check_name("pool", pool, POOLS, optional=True)
+
+
 def _export_module(module: nn.Module) -> nn.Module:
     """The plain form of one module: its ``export()`` if it has one, else a copy of it."""
     if hasattr(module, "export"):
@@ -73,6 +80,7 @@ def _export_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
+@register_network("lipnet")
 class LipNet(nn.Module):
     """The comparison paper's network for one method.
 
@@ -113,16 +121,8 @@ class LipNet(nn.Module):
     ) -> None:
         super().__init__()
         conv = layer_class(method)
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}"
-            )
-        if pool is not None and pool not in POOLS:
-            raise ValueError(f"unknown pool {pool!r}; choose from None, {', '.join(POOLS)}")
-        if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
+        check_options(head=head, activation=activation, pool=pool)
+        check_name("size", size, list(SIZES))
         if image_size < 2:
             raise ValueError(f"image_size must be >= 2, got {image_size}")
         preset = SIZES[size]

@@ -39,18 +39,6 @@ class CircularConv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias)
 
 
-def zero_padded_conv(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Conv2d:
-    """An ``nn.Conv2d`` with zero padding ``k // 2`` holding the given weights (no grad)."""
-    c_out, c_in, k, _ = weight.shape
-    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=bias is not None)
-    with torch.no_grad():
-        conv.weight.copy_(weight.float())
-        if bias is not None:
-            conv.bias.copy_(bias.float())
-    conv.requires_grad_(False)
-    return conv
-
-
 class ResidualConv2d(nn.Module):
     """``y = x − Kᵀ(scale ⊙ ReLU(Kx + b))`` with zero padding (CPL and SLL at inference).
 
@@ -244,3 +232,83 @@ class FourierConv2d(nn.Module):
     def extra_repr(self) -> str:
         c = self.blocks.shape[-1] // 2
         return f"{c}, input_size={self.input_size}, pad={self.pad}"
+
+
+class Sandwich2d(nn.Module):
+    """``y = outer(ReLU(inner(x)))``: the exported sandwich layer (Wang & Manchester, 2023).
+
+    ``inner`` is ``x ↦ √2·Ψ⁻¹B x + b`` and ``outer`` is ``h ↦ √2·AᴴΨ h``, both 1×1
+    :class:`CircularConv2d` (no bias on ``outer``) or both :class:`FourierConv2d` without padding
+    on the same stored DFT matrices; ``psi`` holds ``log diag Ψ`` and serves only the bound.
+
+    Args:
+        inner: the map before the ReLU (carries the bias).
+        outer: the map after it (no bias).
+        psi: ``(c,)`` log of the positive per-channel scaling ``Ψ``.
+
+    Raises:
+        ValueError: mixed or padded forms, or shapes that do not fit.
+    """
+
+    def __init__(self, inner: nn.Module, outer: nn.Module, psi: torch.Tensor) -> None:
+        super().__init__()
+        kinds = (type(inner), type(outer))
+        if kinds not in ((CircularConv2d, CircularConv2d), (FourierConv2d, FourierConv2d)):
+            raise ValueError(f"inner and outer must both be 1x1 CircularConv2d or both "
+                             f"FourierConv2d, got {kinds[0].__name__}, {kinds[1].__name__}")
+        if isinstance(inner, CircularConv2d) and (
+            inner.weight.shape[-1] != 1 or outer.weight.shape[-1] != 1
+        ):
+            raise ValueError("CircularConv2d parts of a Sandwich2d must be 1x1")
+        if isinstance(inner, FourierConv2d) and (
+            inner.pad or outer.pad or inner.size != outer.size
+        ):
+            raise ValueError("FourierConv2d parts of a Sandwich2d must be unpadded, one size")
+        if getattr(outer, "bias", None) is not None:
+            raise ValueError("the outer map of a Sandwich2d has no bias")
+        self.inner, self.outer = inner, outer
+        self.register_buffer("psi", psi.detach().float().flatten().clone())
+        self.input_size = getattr(inner, "input_size", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(F.relu(self.inner(x)))
+
+    @torch.no_grad()
+    def lipschitz_upper_bound(self) -> float:
+        """A guaranteed upper bound of the Lipschitz constant, from the stored float32 buffers.
+
+        Write the maps as ``inner = T_R·+b``, ``outer = T_P`` and, for the stored ``Ψ``,
+        ``𝒜 = Ψ⁻¹T_Pᵀ/√2``, ``ℬ = ΨT_R/√2``. For inputs ``x, x'`` the ReLU differences are
+        ``D(T_R x − T_R x')`` with ``D`` diagonal in ``[0, 1]``, which commutes with the channel
+        scaling ``Ψ``, so ``Δy = 2𝒜ᵀDℬΔx``. If ``𝒜𝒜ᵀ + ℬℬᵀ ⪯ λI`` then ``‖Δy‖ ≤ λ‖Δx‖``
+        (the sandwich theorem, its proof with ``⪯`` instead of ``=``: for ``Â = 𝒜/√λ``,
+        ``B̂ = ℬ/√λ`` and ``w = DB̂Δx``, ``‖Δx‖² − ‖2Âᵀw‖² ≥ ‖Δx − 2B̂ᵀw‖² + 4wᵀ(B̂Δx − w) ≥ 0``,
+        the last term by the slope restriction). ``λ = ‖[𝒜 ℬ]‖²`` will do, and with the DFT form
+        ``T = Dᵀ·blocks·D`` (stored DFT
+        ``D``, which commutes with ``Ψ``) ``‖[𝒜 ℬ]‖ ≤ ‖D‖² max_f ‖[Ψ⁻¹P(f)ᵀ, ΨR(f)]‖/√2``.
+        Exact weights give ``λ = 1``; the float32 storage moves it by ~1e-6.
+        """
+        psi = self.psi.double()
+        if isinstance(self.inner, CircularConv2d):
+            p = self.outer.weight.double()[:, :, 0, 0]  # (c, c): y = P h
+            r = self.inner.weight.double()[:, :, 0, 0]  # (c, c_in): z = R x
+            m = torch.cat([p.T / psi.exp()[:, None], r * psi.exp()[:, None]], dim=1)
+            dft = 1.0
+        else:
+            # blocks[f] is the transpose of the operator's real 2c x 2c matrix at frequency f.
+            s = torch.cat([psi, psi]).exp()[None, :, None]
+            p_t = self.outer.blocks.double()  # P(f)ᵀ
+            r = self.inner.blocks.double().transpose(-1, -2)  # R(f)
+            m = torch.cat([p_t / s, r * s], dim=-1)
+            dft = 1.0
+            inner, outer = self.inner, self.outer
+            for a, b in ((inner.dft_w, outer.dft_w), (inner.dft_h, outer.dft_h)):
+                # Different stored matrices would break the factorization: refuse to guess.
+                if not torch.equal(a, b):
+                    raise ValueError("inner and outer FourierConv2d use different DFT matrices")
+                dft *= torch.linalg.matrix_norm(a.double(), ord=2).item()
+        norm_m = torch.linalg.matrix_norm(m, ord=2).max().item()
+        return (dft**2 * norm_m) ** 2 / 2 * (1 + 1e-12)
+
+    def extra_repr(self) -> str:
+        return f"{self.psi.numel()}, input_size={self.input_size}"

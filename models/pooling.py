@@ -28,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from models.registry import check_name
+
 
 def _safe_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``√(x² + y²)`` with a zero (not NaN) gradient at the origin, exact elsewhere."""
@@ -126,18 +128,19 @@ class PlainDistancePool(nn.Module):
         return f"{2 * self.cos_a.shape[1]} -> {self.cos_a.shape[1]}"
 
 
-POOLS = ("distance",)
+#: The pools: name → class ``(channels)`` (``c`` → ``c/2`` channels).
+POOL_CLASSES: dict[str, type[nn.Module]] = {"distance": DistancePool}
+POOLS = tuple(POOL_CLASSES)
 
 
 def create_pool(name: str, channels: int) -> nn.Module:
-    """``"distance"`` → :class:`DistancePool`.
+    """A pool of :data:`POOL_CLASSES` over ``channels`` channels.
 
     Raises:
         ValueError: unknown name.
     """
-    if name == "distance":
-        return DistancePool(channels)
-    raise ValueError(f"unknown pool {name!r}; choose from None, {', '.join(POOLS)}")
+    check_name("pool", name, POOLS)
+    return POOL_CLASSES[name](channels)
 
 
-__all__ = ["POOLS", "DistancePool", "PlainDistancePool", "create_pool"]
+__all__ = ["POOL_CLASSES", "POOLS", "DistancePool", "PlainDistancePool", "create_pool"]
