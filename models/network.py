@@ -143,6 +143,13 @@ class LipNet(nn.Module):
             raise ValueError(f"mean has {len(mean)} entries for {in_channels} channels")
         opts = dict(layer_options or {})
         edge_opts = {**opts, **getattr(conv, "edge_options", {})}
+        head_opts = {**edge_opts, **getattr(conv, "head_options", {})}
+        # Sandwich carries its own ReLU: no activation module follows it, so none can be chosen.
+        if getattr(conv, "includes_activation", False) and activation != "maxmin":
+            raise ValueError(
+                f"method {conv.method!r} carries its own activation; activation={activation!r} "
+                "does not apply (use the default)"
+            )
 
         self.config = dict(
             method=conv.method, size=size, in_channels=in_channels, num_classes=num_classes,
@@ -155,11 +162,10 @@ class LipNet(nn.Module):
             body.append(("pad", ZeroPad((padded - image_size) // 2)))
             if (padded - image_size) % 2:
                 raise ValueError(f"image_size {image_size} cannot be padded evenly to {padded}")
-        body += [
-            ("concat", ZeroChannelConcat(base)),
-            ("stem", conv(base, 1, **edge_opts)),
-            ("stem_act", create_activation(activation, base)),
-        ]
+        stem = conv(base, 1, **edge_opts)
+        body += [("concat", ZeroChannelConcat(base)), ("stem", stem)]
+        if not getattr(stem, "includes_activation", False):
+            body.append(("stem_act", create_activation(activation, base)))
         for i in range(n_blocks):
             c, pixels = base * 2**i, padded // 2**i
             k = 3 if pixels >= 4 else 1
@@ -168,7 +174,9 @@ class LipNet(nn.Module):
                 # FFT methods (Cayley, LOT) export for a fixed size: tell them theirs.
                 sized = {"input_size": pixels} if getattr(conv, "needs_input_size", False) else {}
                 act = create_activation(activation, c)
-                layers += [(f"conv{j}", conv(c, k, **opts, **sized)), (f"act{j}", act)]
+                layers.append((f"conv{j}", conv(c, k, **opts, **sized)))
+                if not getattr(layers[-1][1], "includes_activation", False):
+                    layers.append((f"act{j}", act))
             # Singla & Feizi's distance pool summarizes channel pairs in the final reduction.
             last = pool is not None and i == n_blocks - 1
             first = create_pool(pool, c) if last else FirstChannels(c // 2)
@@ -178,7 +186,7 @@ class LipNet(nn.Module):
         if head == "linear":
             self.head = nn.Sequential(
                 OrderedDict(
-                    conv=conv(head_channels, 1, **edge_opts),
+                    conv=conv(head_channels, 1, **head_opts),
                     first=FirstChannels(num_classes),
                     flatten=Flatten(),
                 )

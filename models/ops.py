@@ -104,6 +104,25 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + a, eye - a)
 
 
+def block_reflector(v: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BRO's ``I − 2V(VᴴV + δI)⁻¹Vᴴ`` for tall ``V`` (``(..., c, r)``, real or complex).
+
+    With ``δ = 0`` and ``V`` of full column rank this is the block reflector through the span of
+    ``V``: Hermitian, orthogonal, eigenvalues ``−1`` (``r`` times) and ``+1``. The regularizer
+    ``δ = eps · mean(diag VᴴV) + tiny`` (relative, as the BRONet code, plus a floor so that a zero
+    ``V`` gives ``I`` instead of a singular solve) moves the eigenvalue ``−1`` of a direction with
+    singular value ``σ`` to ``1 − 2σ²/(σ² + δ) ∈ (−1, 1]``: the result is Hermitian with spectrum
+    in ``[−1, 1]``, so its norm is at most 1 for *any* ``V``, orthogonal up to ``δ/σ²``.
+    """
+    eye_r = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    eye_c = torch.eye(v.shape[-2], dtype=v.dtype, device=v.device)
+    vh = v.transpose(-1, -2).conj()
+    gram = vh @ v
+    scale = gram.diagonal(dim1=-2, dim2=-1).real.mean(dim=-1)[..., None, None]
+    delta = eps * scale + torch.finfo(scale.dtype).tiny ** 0.5
+    return eye_c - 2 * v @ torch.linalg.solve(gram + delta * eye_r, vh)
+
+
 def skew(w: torch.Tensor) -> torch.Tensor:
     """Skew-(Hermitian) part ``W − Wᴴ`` of the last two dims (no 1/2, as in the Cayley paper)."""
     return w - w.transpose(-1, -2).conj()

@@ -234,23 +234,25 @@ class FourierConv2d(nn.Module):
         return f"{c}, input_size={self.input_size}, pad={self.pad}"
 
 
-class Sandwich2d(nn.Module):
-    """``y = outer(ReLU(inner(x)))``: the exported sandwich layer (Wang & Manchester, 2023).
 
-    ``inner`` is ``x ↦ √2·Ψ⁻¹B x + b`` and ``outer`` is ``h ↦ √2·AᴴΨ h``, both 1×1
-    :class:`CircularConv2d` (no bias on ``outer``) or both :class:`FourierConv2d` without padding
-    on the same stored DFT matrices; ``psi`` holds ``log diag Ψ`` and serves only the bound.
+class Sandwich2d(nn.Module):
+    """``y = outer(Ψ·ReLU(inner(x)))``: the exported sandwich layer (Wang & Manchester, 2023).
+
+    ``inner`` is ``x ↦ √2·Ψ⁻¹B x + b``, ``scale`` the diagonal of ``Ψ`` (per channel, > 0) and
+    ``outer`` is ``h ↦ √2·Aᴴh``; ``[A B]`` has orthonormal rows per frequency. Both maps are 1×1
+    :class:`CircularConv2d` (``outer`` without bias) or both :class:`FourierConv2d` without padding
+    on the same stored DFT matrices.
 
     Args:
         inner: the map before the ReLU (carries the bias).
-        outer: the map after it (no bias).
-        psi: ``(c,)`` log of the positive per-channel scaling ``Ψ``.
+        outer: the map after the scaling (no bias).
+        scale: ``(c,)`` positive diagonal of ``Ψ``.
 
     Raises:
-        ValueError: mixed or padded forms, or shapes that do not fit.
+        ValueError: mixed or padded forms, a bias on ``outer``.
     """
 
-    def __init__(self, inner: nn.Module, outer: nn.Module, psi: torch.Tensor) -> None:
+    def __init__(self, inner: nn.Module, outer: nn.Module, scale: torch.Tensor) -> None:
         super().__init__()
         kinds = (type(inner), type(outer))
         if kinds not in ((CircularConv2d, CircularConv2d), (FourierConv2d, FourierConv2d)):
@@ -264,42 +266,48 @@ class Sandwich2d(nn.Module):
             inner.pad or outer.pad or inner.size != outer.size
         ):
             raise ValueError("FourierConv2d parts of a Sandwich2d must be unpadded, one size")
-        if getattr(outer, "bias", None) is not None:
+        if outer.bias is not None:
             raise ValueError("the outer map of a Sandwich2d has no bias")
         self.inner, self.outer = inner, outer
-        self.register_buffer("psi", psi.detach().float().flatten().clone())
+        self.register_buffer("scale", scale.detach().float().reshape(1, -1, 1, 1).clone())
         self.input_size = getattr(inner, "input_size", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outer(F.relu(self.inner(x)))
+        return self.outer(F.relu(self.inner(x)) * self.scale)
 
     @torch.no_grad()
     def lipschitz_upper_bound(self) -> float:
         """A guaranteed upper bound of the Lipschitz constant, from the stored float32 buffers.
 
-        Write the maps as ``inner = T_R·+b``, ``outer = T_P`` and, for the stored ``Ψ``,
-        ``𝒜 = Ψ⁻¹T_Pᵀ/√2``, ``ℬ = ΨT_R/√2``. For inputs ``x, x'`` the ReLU differences are
-        ``D(T_R x − T_R x')`` with ``D`` diagonal in ``[0, 1]``, which commutes with the channel
-        scaling ``Ψ``, so ``Δy = 2𝒜ᵀDℬΔx``. If ``𝒜𝒜ᵀ + ℬℬᵀ ⪯ λI`` then ``‖Δy‖ ≤ λ‖Δx‖``
-        (the sandwich theorem, its proof with ``⪯`` instead of ``=``: for ``Â = 𝒜/√λ``,
-        ``B̂ = ℬ/√λ`` and ``w = DB̂Δx``, ``‖Δx‖² − ‖2Âᵀw‖² ≥ ‖Δx − 2B̂ᵀw‖² + 4wᵀ(B̂Δx − w) ≥ 0``,
-        the last term by the slope restriction). ``λ = ‖[𝒜 ℬ]‖²`` will do, and with the DFT form
-        ``T = Dᵀ·blocks·D`` (stored DFT
-        ``D``, which commutes with ``Ψ``) ``‖[𝒜 ℬ]‖ ≤ ‖D‖² max_f ‖[Ψ⁻¹P(f)ᵀ, ΨR(f)]‖/√2``.
-        Exact weights give ``λ = 1``; the float32 storage moves it by ~1e-6.
+        With ``inner = T_R·+b``, ``outer = T_O`` and ``Ψ = diag(scale)`` let ``𝒜 = T_Oᵀ/√2`` and
+        ``ℬ = ΨT_R/√2``. For inputs ``x, x'`` the ReLU differences are ``D·T_R(x − x')`` with
+        ``D`` diagonal in ``[0, 1]``, which commutes with ``Ψ``, so ``Δy = 2𝒜ᵀDℬΔx``. If
+        ``𝒜𝒜ᵀ + ℬℬᵀ ⪯ λI`` then ``‖Δy‖ ≤ λ‖Δx‖`` (the sandwich theorem with ``⪯`` in place of
+        ``=``: for ``Â = 𝒜/√λ``, ``B̂ = ℬ/√λ``, ``w = DB̂Δx``,
+        ``‖Δx‖² − ‖2Âᵀw‖² ≥ ‖Δx − 2B̂ᵀw‖² + 4wᵀ(B̂Δx − w) ≥ 0``, the last term by the slope
+        restriction of ReLU). ``λ = ‖[𝒜 ℬ]‖²`` will do. In the DFT form ``T = Dᵀ·blocks·D``
+        (stored DFT ``D``, which commutes with the channel scaling),
+        ``‖[𝒜 ℬ]‖ ≤ ‖D‖² max_f ‖[O(f)ᵀ, ΨR(f)]‖ / √2``, each factor an exact float64 SVD of
+        the stored matrices. Exact weights give ``λ = 1``; float32 storage moves it by ~1e-6.
+        Float32 *arithmetic* rounding in the forward pass is not covered (as everywhere).
+
+        Raises:
+            ValueError: a non-positive scale, or inner and outer on different DFT matrices.
         """
-        psi = self.psi.double()
+        psi = self.scale.double().flatten()
+        if not (psi > 0).all():
+            raise ValueError("Sandwich2d scale must be positive")
         if isinstance(self.inner, CircularConv2d):
-            p = self.outer.weight.double()[:, :, 0, 0]  # (c, c): y = P h
+            o = self.outer.weight.double()[:, :, 0, 0]  # (c, c): y = O h
             r = self.inner.weight.double()[:, :, 0, 0]  # (c, c_in): z = R x
-            m = torch.cat([p.T / psi.exp()[:, None], r * psi.exp()[:, None]], dim=1)
+            m = torch.cat([o.T, r * psi[:, None]], dim=1)
             dft = 1.0
         else:
-            # blocks[f] is the transpose of the operator's real 2c x 2c matrix at frequency f.
-            s = torch.cat([psi, psi]).exp()[None, :, None]
-            p_t = self.outer.blocks.double()  # P(f)ᵀ
+            # blocks[f] is the transpose of the operator's real 2c × 2c matrix at frequency f.
+            s = torch.cat([psi, psi])[None, :, None]
+            o_t = self.outer.blocks.double()  # O(f)ᵀ
             r = self.inner.blocks.double().transpose(-1, -2)  # R(f)
-            m = torch.cat([p_t / s, r * s], dim=-1)
+            m = torch.cat([o_t, r * s], dim=-1)
             dft = 1.0
             inner, outer = self.inner, self.outer
             for a, b in ((inner.dft_w, outer.dft_w), (inner.dft_h, outer.dft_h)):
@@ -311,4 +319,4 @@ class Sandwich2d(nn.Module):
         return (dft**2 * norm_m) ** 2 / 2 * (1 + 1e-12)
 
     def extra_repr(self) -> str:
-        return f"{self.psi.numel()}, input_size={self.input_size}"
+        return f"{self.scale.numel()}, input_size={self.input_size}"

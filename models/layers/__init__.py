@@ -1,3 +1,3 @@
 """One file per method; importing this package registers them all."""
 
-from models.layers import aol, bcop, cayley, cpl, lot, sll, soc, standard  # noqa: F401
+from models.layers import aoc, aol, bcop, bro, cayley, cpl, lot, sandwich, sll, soc, standard  # noqa: F401
