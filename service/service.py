@@ -11,6 +11,9 @@ Run from the repository root with ``bentoml serve`` (``bentofile.yaml`` names
 - ``/models``: every served model with its audit, accuracy, size, latency and memory; also the
   refused ones and why.
 
+GET ``/`` is the web page (``service/web.py``, files in ``service/static/``); BentoML's own API
+page moves to ``/docs``.
+
 Configuration (environment): ``LIPCERT_MODELS`` (a folder of ONNX files instead of the model
 store), ``LIPCERT_MAX_UPLOAD_BYTES`` (8 MiB), ``LIPCERT_MAX_PIXELS`` (2²²),
 ``LIPCERT_MAX_REQUEST_BYTES`` (32 MiB), ``LIPCERT_BOUND_TOLERANCE`` (0.01),
@@ -56,6 +59,7 @@ from service.schemas import (
     TensorRequest,
     tensor_array,
 )
+from service.web import create_web_app
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +320,8 @@ class LipCert:
 
 LipCert.add_asgi_middleware(ErrorShapeMiddleware)
 LipCert.add_asgi_middleware(RequestSizeLimitMiddleware)
+# The web page at / (BentoML's own API page moves to /docs); see service/web.py.
+LipCert.mount_asgi_app(create_web_app(), path="/", name="web")
 
 
 def _rank(model: ServedModel) -> tuple[float, float, str]:
