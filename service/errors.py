@@ -12,8 +12,8 @@ from http import HTTPStatus
 from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, UnprocessableEntity
 
 __all__ = [
-    "InvalidArgument", "NotFound", "PayloadTooLarge", "UnprocessableEntity", "UnsupportedMediaType",
-    "one_line",
+    "InvalidArgument", "NotFound", "PayloadTooLarge", "RequestTimeout", "TooManyRequests",
+    "UnprocessableEntity", "UnsupportedMediaType", "one_line",
 ]
 
 
@@ -24,9 +24,22 @@ class PayloadTooLarge(BentoMLException):
 
 
 class UnsupportedMediaType(BentoMLException):
-    """415: the upload is not an image in one of the accepted formats."""
+    """415: the upload is not an image in one of the accepted formats, or the request body's
+    content type is not one the service reads."""
 
     error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+class RequestTimeout(BentoMLException):
+    """408: the client did not send the whole request body in time."""
+
+    error_code = HTTPStatus.REQUEST_TIMEOUT
+
+
+class TooManyRequests(BentoMLException):
+    """429: the worker's budget for request bodies in flight stayed full; retry later."""
+
+    error_code = HTTPStatus.TOO_MANY_REQUESTS
 
 
 def one_line(text: object, limit: int = 300) -> str:

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.errors import InvalidArgument, UnprocessableEntity
 
+#: Marks an optional response field ``nullable`` in the OpenAPI document: BentoML flattens a
+#: top-level ``anyOf: [T, null]`` to ``T``, which would make a ``null`` answer break the schema.
+NULLABLE: dict[str, Any] = {"nullable": True}
+
 
 class Prediction(BaseModel):
     """One image's prediction and certificate."""
@@ -31,6 +35,7 @@ class Prediction(BaseModel):
         description="L2 radius in the model input's [0,1] pixels within which the label cannot "
         "change (0: not certified)")
     certified_radius_uploaded: float | None = Field(
+        json_schema_extra=NULLABLE,
         description="the same radius in the uploaded image's own [0,1] pixels, where the "
         "preprocessing is linear with a known norm; null otherwise")
     lipschitz_bound: float = Field(description="the audited bound the radius divides by")
@@ -51,7 +56,7 @@ class Certification(BaseModel):
     label: int
     class_name: str
     certified_radius: float
-    certified_radius_uploaded: float | None
+    certified_radius_uploaded: float | None = Field(json_schema_extra=NULLABLE)
     certified: bool = Field(description="certified_radius > eps (strict)")
 
 
@@ -71,18 +76,18 @@ class ModelInfo(BaseModel):
     """One served model, as ``/models`` lists it."""
 
     name: str
-    tag: str | None
+    tag: str | None = Field(json_schema_extra=NULLABLE)
     method: str
     size: str
     dataset: str
     classes: list[str]
     input_shape: list[int]
     parameters: int
-    clean_accuracy: float | None
+    clean_accuracy: float | None = Field(json_schema_extra=NULLABLE)
     certified_accuracy: dict[str, float] = Field(description="CRA by ε (4-decimal keys)")
     lipschitz_bound: float = Field(description="audited upper bound of the whole network")
-    lipschitz_bound_body: float | None
-    lipschitz_bound_head: float | None
+    lipschitz_bound_body: float | None = Field(json_schema_extra=NULLABLE)
+    lipschitz_bound_head: float | None = Field(json_schema_extra=NULLABLE)
     certificate: str
     onnx_bytes: int
     provider: str
@@ -98,7 +103,7 @@ class Refused(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
-    default_model: str | None
+    default_model: str | None = Field(json_schema_extra=NULLABLE)
     refused: list[Refused]
     process_rss_bytes: int
 

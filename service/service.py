@@ -46,7 +46,12 @@ from service.loader import (
     load_all,
 )
 from service.metrics import get_metrics
-from service.middleware import ErrorShapeMiddleware, RequestSizeLimitMiddleware
+from service.middleware import (
+    BodyBudgetMiddleware,
+    ErrorShapeMiddleware,
+    FormGuardMiddleware,
+    RequestSizeLimitMiddleware,
+)
 from service.schemas import (
     Certification,
     CertifyResponse,
@@ -318,8 +323,14 @@ class LipCert:
             )
 
 
+# Outermost first. Bodies are checked before BentoML parses them (see service.middleware): each
+# API route with the names of its file fields.
+_API_FILE_FIELDS = {api.route: tuple(getattr(api.input_spec, "multipart_fields", ()))
+                    for api in LipCert.apis.values()}
 LipCert.add_asgi_middleware(ErrorShapeMiddleware)
 LipCert.add_asgi_middleware(RequestSizeLimitMiddleware)
+LipCert.add_asgi_middleware(BodyBudgetMiddleware, routes=tuple(_API_FILE_FIELDS))
+LipCert.add_asgi_middleware(FormGuardMiddleware, file_fields=_API_FILE_FIELDS)
 # The web page at / (BentoML's own API page moves to /docs); see service/web.py.
 LipCert.mount_asgi_app(create_web_app(), path="/", name="web")
 
