@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.machine import describe_machine
 from bench.timing import synchronize
+from training.tables import render_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -222,16 +223,18 @@ def markdown(result: dict[str, Any]) -> str:
         "exact grad rel. err",
         "paper grad rel. err (cos)",
     )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['name']} | {r['batch']} | {r['autograd_ms']:.1f} | {r['exact_ms']:.1f} | "
-            f"{r['exact_ratio']:.2f} | {r['paper_ms']:.1f} | {r['paper_ratio']:.2f} | "
+    rows = [
+        [
+            r["name"], r["batch"], f"{r['autograd_ms']:.1f}", f"{r['exact_ms']:.1f}",
+            f"{r['exact_ratio']:.2f}", f"{r['paper_ms']:.1f}", f"{r['paper_ratio']:.2f}",
             f"{r['autograd_saved_mb']:.0f} / {r['exact_saved_mb']:.0f} / "
-            f"{r['paper_saved_mb']:.0f} | {r['exact_grad_rel_err']:.1e} | "
-            f"{r['paper_grad_rel_err']:.1e} ({r['paper_grad_cos']:.4f}) |"
-        )
-    return "\n".join(lines) + "\n"
+            f"{r['paper_saved_mb']:.0f}",
+            f"{r['exact_grad_rel_err']:.1e}",
+            f"{r['paper_grad_rel_err']:.1e} ({r['paper_grad_cos']:.4f})",
+        ]
+        for r in result["rows"]
+    ]
+    return render_markdown(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

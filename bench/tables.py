@@ -1,11 +1,12 @@
-"""Markdown and CSV writers for flat result rows (one dict per row)."""
+"""Markdown and CSV files of flat result rows (one dict per row), on :mod:`training.tables`."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from training.tables import render_csv, render_markdown
 
 
 def format_value(value: Any, digits: int = 3) -> str:
@@ -29,11 +30,8 @@ def markdown_table(
     rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None
 ) -> str:
     """A GitHub markdown table of ``columns`` (missing keys print as ``–``)."""
-    headers = list(headers or columns)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    return render_markdown(list(headers or columns), cells)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
@@ -42,8 +40,6 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns and not isinstance(row[k], (dict, list))]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = render_csv(columns, ([row.get(c, "") for c in columns] for row in rows))
+    path.write_text(text, encoding="utf-8")
     return path

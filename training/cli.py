@@ -13,6 +13,7 @@ Bad arguments print one line naming the allowed values and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -20,22 +21,27 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from training.config import TrainConfig, parse_duration, parse_methods
+from training.config import (
+    CUDA_BATCH_SIZE,
+    DEFAULT_BUDGET_S,
+    METHOD_DEFAULTS,
+    TrainConfig,
+    parse_duration,
+    parse_methods,
+)
 
 PROG = "python -m training"
-#: Defaults of options the CLI fills in (``None`` in the parser, so --resume sees what was given).
-DEFAULTS: dict[str, Any] = dict(
-    size="xs",
-    dataset="fashion-mnist",
-    budget="5m",
-    batch_size=None,  # per device and method: training.config.default_batch_size
-    eps_train=36 / 255,
-    temperature=0.25,
-    seed=0,
-    device="auto",
-    out="runs",
-    checkpoint_every="1m",
-)
+#: The defaults shown in ``--help``: :class:`TrainConfig`'s own (one place for every default).
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _batch_help() -> str:
+    """``--batch-size``'s help, from the per-method table."""
+    big = sorted(m for m, row in METHOD_DEFAULTS.items() if row.cpu_batch_size != 64)
+    return (
+        f"global batch size (default {CUDA_BATCH_SIZE} on CUDA; on CPU per method: 64"
+        + (f", {METHOD_DEFAULTS[big[0]].cpu_batch_size} for {' and '.join(big)})" if big else ")")
+    )
 
 
 class UsageError(Exception):
@@ -53,30 +59,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog=PROG, description="Train, evaluate, export and store 1-Lipschitz classifiers.")
     p.add_argument("--method", help="method, comma list, or 'all' (a sweep)")
-    p.add_argument("--size", help=f"one of {', '.join(list_sizes())} (default xs)")
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (default fashion-mnist)")
+    p.add_argument("--size", help=f"one of {', '.join(list_sizes())} (default {_DEFAULT['size']})")
+    p.add_argument(
+        "--dataset", help=f"one of {', '.join(DATASETS)} (default {_DEFAULT['dataset']})"
+    )
     when = p.add_mutually_exclusive_group()
     when.add_argument(
-        "--budget", help="wall-clock training budget per run: 90s, 5m, 1h (default 5m)"
+        "--budget",
+        help=f"wall-clock training budget per run: 90s, 5m, 1h (default {DEFAULT_BUDGET_S:g}s)",
     )
     when.add_argument("--epochs", type=int, help="train for N epochs instead of a budget")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        help="global batch size (default 256 on CUDA; on CPU 64, 256 for bcop and lot)",
-    )
+    p.add_argument("--batch-size", type=int, help=_batch_help())
     p.add_argument("--lr", type=float, help="peak learning rate (default: per method)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: per method)")
     p.add_argument(
-        "--eps-train", type=float, help="ε of the loss offset, [0,1] units (default 36/255)"
+        "--eps-train",
+        type=float,
+        help=f"ε of the loss offset, [0,1] units (default {_DEFAULT['eps_train']:.4g})",
     )
-    p.add_argument("--temperature", type=float, help="loss temperature T (default 0.25)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument(
+        "--temperature", type=float, help=f"loss temperature T (default {_DEFAULT['temperature']})"
+    )
+    p.add_argument("--seed", type=int, help=f"random seed (default {_DEFAULT['seed']})")
+    p.add_argument("--device", help=f"auto, cpu or cuda (default {_DEFAULT['device']})")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--eval-every", help="evaluate every N epochs (N) or training time (30s, 2m)")
-    p.add_argument("--checkpoint-every", help="checkpoint interval in training time (default 1m)")
-    p.add_argument("--out", help="parent folder of the runs (default runs/)")
+    p.add_argument(
+        "--checkpoint-every",
+        help=f"checkpoint interval in training time (default {_DEFAULT['checkpoint_every_s']:g}s)",
+    )
+    p.add_argument("--out", help=f"parent folder of the runs (default {_DEFAULT['out']}/)")
     p.add_argument("--data-dir", help="dataset folder (see docs/training.md)")
     p.add_argument("--no-store", action="store_true", help="do not save to the BentoML model store")
     p.add_argument(
@@ -179,7 +191,7 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     try:
         given = _overrides(args)
         if args.resume is not None:
-            from training.loop import load_checkpoint
+            from training.checkpoint import load_checkpoint
 
             if args.method is not None:
                 raise UsageError("--resume continues the checkpoint's method; drop --method")
@@ -187,14 +199,9 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             return [TrainConfig.from_dict({**base, **given})]
         if args.method is None:
             raise UsageError("--method is required (a method, a comma list or 'all')")
-        fields = {
-            **{k: v for k, v in DEFAULTS.items() if k not in ("budget", "checkpoint_every")},
-            "checkpoint_every_s": parse_duration(DEFAULTS["checkpoint_every"]),
-        }
         if "budget_s" not in given and "epochs" not in given:
-            fields["budget_s"] = parse_duration(DEFAULTS["budget"])
-        fields.update(given)
-        return [TrainConfig(method=m, **fields) for m in parse_methods(args.method)]
+            given["budget_s"] = DEFAULT_BUDGET_S
+        return [TrainConfig(method=m, **given) for m in parse_methods(args.method)]
     except UsageError:
         raise
     except (ValueError, FileNotFoundError) as exc:
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("training", "models", "certify"):
         logging.getLogger(name).setLevel(level)
 
-    from training.loop import setup_distributed
+    from training.distributed import setup_distributed
 
     # One process group for all runs of a sweep (torchrun's store is not re-initialized per run).
     dist_ctx, _ = setup_distributed(configs[0].device)
@@ -343,4 +350,4 @@ def _run(args: argparse.Namespace, configs: list[TrainConfig], *, main_rank: boo
     return 1 if failed else 0
 
 
-__all__ = ["DEFAULTS", "UsageError", "build_parser", "configs_from_args", "main"]
+__all__ = ["UsageError", "build_parser", "configs_from_args", "main"]

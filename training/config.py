@@ -1,4 +1,4 @@
-"""Training configuration: one frozen dataclass, per-method defaults, budget parsing.
+"""Training configuration: one frozen dataclass, the per-method defaults table, budget parsing.
 
 Units: learning rate per step (SGD), weight decay as SGD's L2 coefficient, ``eps_train`` and
 radii in [0, 1]-pixel L2 units, budgets and times in seconds of wall clock.
@@ -11,54 +11,93 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from certify.radius import STANDARD_EPS
 from training.data import DATASETS
 
-#: Peak one-cycle learning rate per method: the comparison paper's best CIFAR-10 XS values
-#: (Prach et al., CVPR 2024, tables in the appendix). Standard is ours: plain cross-entropy
-#: without any norm constraint diverged at 5e-2 on digits (with an orthogonal init), 1e-2 trained.
-DEFAULT_LR: dict[str, float] = {
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    """One method's training defaults: a row of :data:`METHOD_DEFAULTS`.
+
+    Attributes:
+        lr: peak one-cycle learning rate (per SGD step).
+        weight_decay: SGD's L2 coefficient (the paper searched 4e-6 … 3e-4; 5e-5 is mid-range).
+        cpu_batch_size: global batch on a CPU when none is given (CUDA: :data:`CUDA_BATCH_SIZE`).
+        amp: bf16 autocast allowed on CUDA (not for complex FFTs or Björck iterations).
+        offset_loss: trained with the offset cross-entropy (:mod:`training.loss`); False: plain
+            cross-entropy (the unconstrained baseline, whose margins mean nothing).
+        lr_by_size: measured exceptions to ``lr`` for one size.
+    """
+
+    lr: float
+    weight_decay: float = 5e-5
+    cpu_batch_size: int = 64
+    amp: bool = True
+    offset_loss: bool = True
+    lr_by_size: dict[str, float] = field(default_factory=dict)
+
+    def peak_lr(self, size: str) -> float:
+        """The peak learning rate at ``size``."""
+        return self.lr_by_size.get(size, self.lr)
+
+
+#: Global batch size on CUDA when none is given: the comparison paper's 256.
+CUDA_BATCH_SIZE = 256
+
+#: Per-method training defaults, one row per method. Learning rates: the comparison paper's best
+#: CIFAR-10 XS values (Prach et al., CVPR 2024, tables in the appendix) unless a comment says why
+#: not. CPU batch: 64, where a budget buys a few epochs at most and more, smaller steps win (AOL XS
+#: on Fashion-MNIST, 4-minute budget, two runs side by side on the 2-core CPU: batch 64 reached
+#: 71.5 % clean / 62.1 % CRA@36/255, batch 256 62.9 % / 42.8 % at 20 % more images/s); 256 for the
+#: methods whose per-step parametrization (BCOP's Björck iterations, LOT's per-frequency inverse
+#: square roots) costs as much as the images do, so small batches waste it (two-thread step at XS
+#: on 1×28×28, seconds at batch 64 / 256: LOT 2.76 / 4.14, BCOP 0.61 / 1.23, against AOL 0.26 /
+#: 0.62, SOC 0.27, Standard 0.22). No bf16 autocast: the FFT methods (complex arithmetic) and BCOP
+#: (its Björck orthogonalization in bf16 drifts far from orthogonal).
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     # The paper's CIFAR-10 XS value, 6e-2, collapsed AOL XS on Fashion-MNIST to chance on an H100
-    # (10.0 % clean, bf16 and fp32 alike, 40 s budget); 1e-2 reached 75.4 % / 67.4 % CRA@36.
-    "aol": 1e-2,
-    "bcop": 7e-3,
-    "cayley": 2e-2,
-    "cpl": 3e-2,
+    # (10.0 % clean, bf16 and fp32 alike, 40 s budget); 1e-2 reached 75.4 % / 67.4 % CRA@36. The
+    # CPU-sized xxs trains well at 6e-2 (75.4 % clean / 68.5 % CRA@36/255 in 3 min on the 2-core
+    # CPU) and crawls at 1e-2 on a short CPU budget (41.8 % clean after 2 min on a busy machine).
+    "aol": MethodDefaults(lr=1e-2, lr_by_size={"xxs": 6e-2}),
+    "bcop": MethodDefaults(lr=7e-3, cpu_batch_size=256, amp=False),
+    "cayley": MethodDefaults(lr=2e-2, amp=False),
+    "cpl": MethodDefaults(lr=3e-2),
     # The paper's 8e-2 made LOT XS on Fashion-MNIST diverge mid-schedule on the 2-core CPU (loss
     # 0.8 → 3.3; 35.0 % clean / 0.9 % CRA@36/255 after 10 min); 2e-2 reached 75.7 % / 66.3 %.
-    "lot": 2e-2,
-    "sll": 9e-2,
-    "soc": 5e-2,
-    "standard": 1e-2,
+    "lot": MethodDefaults(lr=2e-2, cpu_batch_size=256, amp=False),
+    "sll": MethodDefaults(lr=9e-2),
+    "soc": MethodDefaults(lr=5e-2),
+    # Ours: plain cross-entropy without any norm constraint diverged at 5e-2 on digits (with an
+    # orthogonal init), 1e-2 trained.
+    "standard": MethodDefaults(lr=1e-2, offset_loss=False),
 }
-#: Measured exceptions to DEFAULT_LR for one (method, size): the CPU-sized AOL xxs trains well at
-#: the paper's 6e-2 (75.4 % clean / 68.5 % CRA@36/255 in 3 min on the 2-core CPU) and crawls at
-#: 1e-2 on a short CPU budget (41.8 % clean after 2 min on a busy machine).
-DEFAULT_LR_BY_SIZE: dict[tuple[str, str], float] = {("aol", "xxs"): 6e-2}
-#: Weight decay per method (the paper searched 4e-6 … 3e-4); 5e-5 is mid-range for all.
-DEFAULT_WEIGHT_DECAY: dict[str, float] = {m: 5e-5 for m in DEFAULT_LR}
-#: Methods computed with complex FFTs: never run them under bf16 autocast.
-FFT_METHODS = frozenset({"cayley", "lot"})
-#: Global batch size per device type when none is given. 256 is the comparison paper's; on a
-#: CPU a budget buys a few epochs at most, and more, smaller steps win: AOL XS on Fashion-MNIST,
-#: 4-minute budget, two runs side by side on this 2-core CPU: batch 64 reached 71.5 % clean /
-#: 62.1 % CRA@36/255, batch 256 62.9 % / 42.8 % (20 % more images/s).
-DEFAULT_BATCH_SIZE: dict[str, int] = {"cuda": 256, "cpu": 64}
-#: CPU exceptions: methods whose per-step parametrization (BCOP's Björck iterations, LOT's
-#: per-frequency inverse square roots) costs as much as the images do, so small batches waste it.
-#: Two-thread training step at XS on 1×28×28, seconds at batch 64 / 256 (``t64/t256``): LOT 2.76 /
-#: 4.14 (0.67), BCOP 0.61 / 1.23 (0.50), against AOL 0.26 / 0.62 (0.41), SOC 0.27, Standard 0.22.
-DEFAULT_CPU_BATCH_BY_METHOD: dict[str, int] = {"bcop": 256, "lot": 256}
+#: The defaults of a registered method without a row above.
+FALLBACK_DEFAULTS = MethodDefaults(lr=5e-2)
+
+
+def method_defaults(method: str) -> MethodDefaults:
+    """``method``'s row of :data:`METHOD_DEFAULTS` (:data:`FALLBACK_DEFAULTS` without one)."""
+    return METHOD_DEFAULTS.get(method, FALLBACK_DEFAULTS)
 
 
 def default_batch_size(method: str, device_type: str) -> int:
-    """The global batch size a run uses when none is given (see :data:`DEFAULT_BATCH_SIZE`)."""
-    if device_type == "cpu" and method in DEFAULT_CPU_BATCH_BY_METHOD:
-        return DEFAULT_CPU_BATCH_BY_METHOD[method]
-    return DEFAULT_BATCH_SIZE.get(device_type, 256)
+    """The global batch size a run uses when none is given (see :data:`METHOD_DEFAULTS`)."""
+    if device_type == "cpu":
+        return method_defaults(method).cpu_batch_size
+    return CUDA_BATCH_SIZE
 
 
-#: The radii reported at every evaluation (the comparison paper's).
-EVAL_EPS: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255, 1.0)
+#: The radii reported at every evaluation: the comparison paper's.
+EVAL_EPS: tuple[float, ...] = STANDARD_EPS
+#: The budget of a run given neither a budget nor a number of epochs (the CLI's default).
+DEFAULT_BUDGET_S = 300.0
+#: Seed streams: the data order of epoch ``e`` is seeded ``seed·ORDER_SEED_STRIDE + e``, and the
+#: augmentation of rank ``r`` resumed at step ``s`` ``seed·AUGMENT_SEED_STRIDE + r +
+#: AUGMENT_STEP_STRIDE·s`` (primes, so no two runs, epochs, ranks or resumptions share a stream).
+ORDER_SEED_STRIDE = 1_000_003
+AUGMENT_SEED_STRIDE = 7919
+AUGMENT_STEP_STRIDE = 104_729
 DEVICES = ("auto", "cpu", "cuda")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*$")
@@ -115,15 +154,18 @@ class TrainConfig:
         budget_s: wall-clock training budget in seconds (evaluation not charged); the one-cycle
             schedule is a function of the elapsed fraction of it. Exclusive with ``epochs``.
         epochs: train for a number of epochs instead (schedule over the step count).
-        batch_size: global batch (split across DDP processes); ``None``: per device type,
-            :data:`DEFAULT_BATCH_SIZE` (resolved when the run starts, saved in ``config.json``).
-        lr, weight_decay: peak learning rate and weight decay; ``None`` → per-method default.
+        batch_size: global batch (split across DDP processes); ``None``: per device type and
+            method, :func:`default_batch_size` (resolved when the run starts, saved in
+            ``config.json``).
+        lr, weight_decay: peak learning rate and weight decay; ``None`` → the method's row of
+            :data:`METHOD_DEFAULTS`.
         momentum: SGD momentum.
         eps_train, temperature: offset cross-entropy: offset ``2√2·eps_train``, temperature T.
         warmup_frac, div_factor, final_div_factor: one-cycle shape (torch's OneCycleLR defaults).
-        seed: seed of the model init, data order and augmentation.
+        seed: seed of the model init, data order and augmentation (:meth:`order_seed`,
+            :meth:`augment_seed`).
         device: ``auto`` (CUDA when there is one), ``cpu`` or ``cuda``.
-        amp: bf16 autocast on CUDA (never for the FFT methods).
+        amp: bf16 autocast on CUDA (only for methods whose row allows it).
         eval_every: evaluate every this many epochs (``eval_every_s`` for training seconds);
             ``None`` → only at the end.
         checkpoint_every_s: write ``checkpoint.pt`` at least this often (training seconds).
@@ -179,17 +221,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from models import list_methods, list_sizes
+        from models.network import check_options
+        from models.registry import check_layer_options, check_name
 
-        if self.method not in list_methods():
-            raise ValueError(
-                f"unknown method {self.method!r}; choose from {', '.join(list_methods())}"
-            )
-        if self.size not in list_sizes():
-            raise ValueError(f"unknown size {self.size!r}; choose from {', '.join(list_sizes())}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
+        check_name("method", self.method, list_methods())
+        check_name("size", self.size, list_sizes())
+        check_name("dataset", self.dataset, DATASETS)
+        check_name("device", self.device, DEVICES)
         if (self.budget_s is None) == (self.epochs is None):
             raise ValueError("give exactly one of a budget (e.g. --budget 5m) or --epochs N")
         if self.budget_s is not None and not self.budget_s > 0:
@@ -202,18 +240,7 @@ class TrainConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         object.__setattr__(self, "eval_eps", tuple(float(e) for e in self.eval_eps))
-        from models.activations import ACTIVATIONS
-        from models.heads import HEADS
-        from models.pooling import POOLS
-
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}"
-            )
-        if self.pool is not None and self.pool not in POOLS:
-            raise ValueError(f"unknown pool {self.pool!r}; choose from none, {', '.join(POOLS)}")
+        check_options(head=self.head, activation=self.activation, pool=self.pool)
         if not (math.isfinite(self.curvature_weight) and self.curvature_weight >= 0):
             raise ValueError(
                 f"curvature_weight must be finite and >= 0, got {self.curvature_weight}"
@@ -221,42 +248,44 @@ class TrainConfig:
         if self.curvature_weight > 0 and self.head != "crc":
             raise ValueError(f"curvature_weight applies to head 'crc' only, not {self.head!r}")
         object.__setattr__(self, "layer_options", dict(self.layer_options or {}))
-        if self.layer_options:
-            import inspect
+        check_layer_options(self.method, self.layer_options)
 
-            from models.registry import layer_class
-
-            params = inspect.signature(layer_class(self.method).__init__).parameters
-            allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
-            unknown = sorted(set(self.layer_options) - set(allowed))
-            if unknown:
-                raise ValueError(
-                    f"unknown layer option(s) {', '.join(unknown)} for {self.method}; "
-                    f"choose from {', '.join(allowed) or 'none'}"
-                )
+    @property
+    def defaults(self) -> MethodDefaults:
+        """This method's row of :data:`METHOD_DEFAULTS`."""
+        return method_defaults(self.method)
 
     @property
     def peak_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return DEFAULT_LR_BY_SIZE.get((self.method, self.size), DEFAULT_LR.get(self.method, 5e-2))
+        return self.defaults.peak_lr(self.size) if self.lr is None else self.lr
 
     @property
     def wd(self) -> float:
-        return (
-            DEFAULT_WEIGHT_DECAY.get(self.method, 5e-5)
-            if self.weight_decay is None
-            else self.weight_decay
-        )
+        return self.defaults.weight_decay if self.weight_decay is None else self.weight_decay
 
     @property
     def offset(self) -> float:
         """The logit offset m = 2√2·ε_train of the loss."""
         return 2 * math.sqrt(2) * self.eps_train
 
-    def resolved(self) -> TrainConfig:
-        """The same config with the per-method defaults filled in (what ``config.json`` holds)."""
-        return replace(self, lr=self.peak_lr, weight_decay=self.wd)
+    def resolved(self, device_type: str | None = None) -> TrainConfig:
+        """The same config with the per-method defaults filled in (what ``config.json`` holds).
+
+        Args:
+            device_type: ``"cpu"`` or ``"cuda"``: also fill in the batch size for that device.
+        """
+        batch = self.batch_size
+        if batch is None and device_type is not None:
+            batch = default_batch_size(self.method, device_type)
+        return replace(self, lr=self.peak_lr, weight_decay=self.wd, batch_size=batch)
+
+    def order_seed(self, epoch: int) -> int:
+        """Seed of epoch ``epoch``'s data order (the same on every rank and on resume)."""
+        return self.seed * ORDER_SEED_STRIDE + epoch
+
+    def augment_seed(self, rank: int, step: int) -> int:
+        """Seed of the augmentation stream of ``rank`` when training (re)starts at ``step``."""
+        return self.seed * AUGMENT_SEED_STRIDE + rank + AUGMENT_STEP_STRIDE * step
 
     @property
     def variant(self) -> str:

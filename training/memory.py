@@ -13,6 +13,8 @@ from __future__ import annotations
 import resource
 import sys
 
+import torch
+
 
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS; False where that is not possible."""
@@ -35,3 +37,18 @@ def peak_rss_bytes() -> int:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(rss * (1 if sys.platform == "darwin" else 1024))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Forget earlier peaks on ``device`` (a sweep runs one model after another in a process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """``(bytes, kind)``: CUDA's peak allocation on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return peak_rss_bytes(), "cpu_peak_rss"

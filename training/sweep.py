@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from certify.radius import eps_key
 from training.config import EVAL_EPS
+from training.tables import render_csv, render_markdown
 
-_EPS_NAMES = {
-    eps_key(e): n for e, n in zip(EVAL_EPS, ("36/255", "72/255", "108/255", "1.0"), strict=True)
-}
+
+def eps_name(eps: float) -> str:
+    """``36/255`` for a whole number of 255ths below 1, else the number (``1.0``)."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if eps < 1 and abs(steps - round(steps)) < 1e-9 else f"{eps}"
+
+
+_EPS_NAMES = {eps_key(e): eps_name(e) for e in EVAL_EPS}
 
 
 def _columns(reports: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -84,20 +88,12 @@ def comparison_rows(reports: Sequence[Mapping[str, Any]]) -> tuple[list[str], li
 
 def comparison_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """The comparison as a markdown table."""
-    header, rows = comparison_rows(reports)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return render_markdown(*comparison_rows(reports))
 
 
 def comparison_csv(reports: Sequence[Mapping[str, Any]]) -> str:
     """The comparison as CSV text."""
-    header, rows = comparison_rows(reports)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
+    return render_csv(*comparison_rows(reports))
 
 
 def write_comparison(reports: Sequence[Mapping[str, Any]], stem: str | Path) -> tuple[Path, Path]:
