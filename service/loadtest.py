@@ -1,107 +1,281 @@
-"""Measure a running lipcert service over loopback: ``python -m service.loadtest URL``.
+"""A bounded load generator against a running lipcert service: ``python -m service.loadtest URL``.
 
-- ``/predict`` at batch 1: p50/p95 client-side latency of sequential requests (one PNG).
-- ``/predict_tensor``: throughput (images/s) of sequential single-image requests versus
-  ``--clients`` concurrent clients, which the server's adaptive batching merges.
+At each concurrency level worker threads, each with its own keep-alive HTTP connection, POST the
+same request until ``requests`` have been sent or ``seconds`` have passed, whichever comes first.
+Reported per level: throughput (requests/s and images/s), latency p50/p95/p99 of successful
+requests, errors (non-200 answers, malformed answers, connection failures), and the median
+``inference_ms`` the service itself reports. The command line measures ``/predict`` (one PNG
+upload) at one client and ``/predict_tensor`` (one image per request) sequentially and at
+``--clients`` concurrent clients, which the server's adaptive batching merges; ``python -m bench
+service`` adds the in-process ONNX Runtime comparison and writes result files.
 
-Bounded: ``--requests`` per phase and ``--seconds`` of wall time at most per phase.
+Only loopback URLs are accepted: this tool generates load, and must never aim it elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import http.client
 import io
+import ipaddress
 import json
+import logging
+import threading
 import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
-def _timed_calls(call, n: int, seconds: float) -> list[float]:
-    times = []
-    deadline = time.perf_counter() + seconds
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
-            break
-    return times
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """One request, sent again and again.
+
+    Attributes:
+        path: the route (``/predict_tensor``, ``/predict``).
+        body: the request bytes.
+        content_type: its ``Content-Type``.
+        images: images per request; a list of that many predictions is expected back, or one
+            prediction object when None (``/predict``).
+    """
+
+    path: str
+    body: bytes
+    content_type: str = "application/json"
+    images: int | None = 1
+
+
+def check_loopback(url: str) -> tuple[str, int]:
+    """``(host, port)`` of an ``http://`` URL on loopback; ValueError for anything else.
+
+    Allowed hosts: ``localhost``, 127.0.0.0/8 and ``::1``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"URL scheme must be http, got {parts.scheme!r} in {url!r}")
+    host = parts.hostname or ""
+    loopback = host == "localhost"
+    if not loopback:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+    if not loopback:
+        raise ValueError(
+            f"refusing non-loopback URL {url!r}; allowed hosts: localhost, 127.0.0.0/8, ::1"
+        )
+    return host, parts.port or 80
+
+
+def _post(
+    conn: http.client.HTTPConnection,
+    path: str,
+    body: bytes,
+    content_type: str = "application/json",
+) -> tuple[int, bytes]:
+    conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def list_models(url: str, timeout: float = 10.0) -> dict[str, Any] | None:
+    """The service's ``POST /models`` answer, or None when it has no such route."""
+    host, port = check_loopback(url)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        status, data = _post(conn, "/models", b"{}")
+    finally:
+        conn.close()
+    if status != 200:
+        log.warning("POST /models answered %s; pass --model and --input", status)
+        return None
+    return json.loads(data)
+
+
+def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 95, 99)) -> dict[str, Any]:
+    """``{"p50_ms": …}`` for each percentile in ``qs`` of ``values`` (ms; None each when empty)."""
+    if len(values) == 0:
+        return {f"p{q}_ms": None for q in qs}
+    p = np.percentile(np.asarray(values, dtype=np.float64), list(qs))
+    return {f"p{q}_ms": float(v) for q, v in zip(qs, p, strict=True)}
+
+
+def _parse_answer(data: bytes, request: LoadRequest) -> dict[str, Any] | None:
+    """The first prediction of a well-formed answer, else None."""
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        return None
+    if request.images is None:
+        return answer if isinstance(answer, dict) else None
+    if isinstance(answer, list) and len(answer) == request.images:
+        return answer[0] if answer and isinstance(answer[0], dict) else {}
+    return None
+
+
+def run_level(
+    url: str,
+    request: LoadRequest,
+    concurrency: int,
+    *,
+    requests: int,
+    seconds: float,
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """One concurrency level, bounded by ``requests`` and ``seconds``.
+
+    Returns:
+        ``concurrency, requests, ok, errors, error_kinds, seconds, requests_per_s,
+        images_per_s``, the latency percentiles (ms) and ``server_inference_p50_ms``.
+    """
+    host, port = check_loopback(url)
+    lock = threading.Lock()
+    issued = 0
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: dict[str, int] = {}
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def ticket() -> bool:
+        nonlocal issued
+        with lock:
+            if issued >= requests or time.perf_counter() >= deadline:
+                return False
+            issued += 1
+            return True
+
+    def error(kind: str) -> None:
+        with lock:
+            errors[kind] = errors.get(kind, 0) + 1
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            while ticket():
+                t0 = time.perf_counter()
+                try:
+                    status, data = _post(conn, request.path, request.body, request.content_type)
+                except (OSError, http.client.HTTPException) as err:
+                    error(type(err).__name__)
+                    conn.close()  # reconnect on the next request
+                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+                    continue
+                dt = time.perf_counter() - t0
+                if status != 200:
+                    error(f"HTTP {status}")
+                    continue
+                first = _parse_answer(data, request)
+                if first is None:
+                    error("malformed answer")
+                    continue
+                with lock:
+                    latencies.append(1e3 * dt)
+                    ms = first.get("inference_ms")
+                    if isinstance(ms, (int, float)):
+                        server_ms.append(float(ms))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = len(latencies)
+    return dict(
+        concurrency=concurrency, requests=issued, ok=ok, errors=sum(errors.values()),
+        error_kinds=errors, seconds=wall, requests_per_s=ok / wall if wall else 0.0,
+        images_per_s=ok * (request.images or 1) / wall if wall else 0.0,
+        **percentiles(latencies),
+        server_inference_p50_ms=float(np.median(server_ms)) if server_ms else None,
+    )
+
+
+def tensor_request(images: np.ndarray, model: str | None) -> LoadRequest:
+    """A ``/predict_tensor`` request of ``images`` ``(N, C, H, W)`` in [0, 1]."""
+    payload: dict[str, Any] = {"images": images.round(4).tolist()}
+    if model is not None:
+        payload["model"] = model
+    return LoadRequest("/predict_tensor", json.dumps(payload).encode(), images=len(images))
+
+
+def png_request(image: np.ndarray, model: str | None) -> LoadRequest:
+    """A ``/predict`` multipart upload of one image ``(C, H, W)`` in [0, 1] as a PNG."""
+    from PIL import Image
+
+    pixels = (np.moveaxis(image, 0, -1) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buf, "PNG")
+    boundary = uuid.uuid4().hex
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode() + buf.getvalue() + b"\r\n"
+    ]
+    if model is not None:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+            .encode()
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return LoadRequest("/predict", body, f"multipart/form-data; boundary={boundary}", None)
+
+
+def resolve_model(
+    url: str, model: str | None, input_shape: tuple[int, ...] | None, timeout: float = 10.0
+) -> tuple[str | None, tuple[int, ...]]:
+    """The model to load (default: the service's default, else the first listed) and its input
+    shape (default: from ``POST /models``).
+
+    Raises:
+        ValueError: an unknown model, or no way to know the input shape.
+    """
+    listing = list_models(url, timeout) or {}
+    models = listing.get("models", [])
+    names = [m.get("name") for m in models]
+    model = model or listing.get("default_model") or (names[0] if names else None)
+    if names and model not in names:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(map(str, names))}")
+    info = models[names.index(model)] if model in names else {}
+    shape = input_shape or (tuple(info["input_shape"]) if info.get("input_shape") else None)
+    if shape is None:
+        raise ValueError("the input shape is unknown: pass --input CxHxW")
+    return model, tuple(shape)
 
 
 def run(url: str, requests: int, clients: int, seconds: float, model: str | None) -> dict:
-    """The measurements as a dict (latencies in ms, throughput in images per second)."""
-    import httpx
-    from PIL import Image
-
-    with httpx.Client(base_url=url, timeout=60) as c:
-        info = c.post("/models").json()
-        served = next(m for m in info["models"]
-                      if m["name"] == (model or info["default_model"]))
-        shape = served["input_shape"]
-        rng = np.random.default_rng(0)
-        pixels = (rng.random((shape[1], shape[2], shape[0])) * 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels.squeeze(-1) if shape[0] == 1 else pixels).save(buf, format="PNG")
-        png = buf.getvalue()
-        form = {"model": served["name"]}
-
-        def predict() -> None:
-            r = c.post("/predict", files={"image": ("x.png", png, "image/png")}, data=form)
-            r.raise_for_status()
-
-        for _ in range(5):
-            predict()
-        lat = np.asarray(_timed_calls(predict, requests, seconds)) * 1e3
-
-        body = json.dumps({"images": [rng.random(shape).tolist()], "model": served["name"]})
-        headers = {"content-type": "application/json"}
-
-        def tensor() -> None:
-            c.post("/predict_tensor", content=body, headers=headers).raise_for_status()
-
-        for _ in range(5):
-            tensor()
-        t0 = time.perf_counter()
-        seq = len(_timed_calls(tensor, requests, seconds))
-        seq_rate = seq / (time.perf_counter() - t0)
-
-    with httpx.Client(base_url=url, timeout=60,
-                      limits=httpx.Limits(max_connections=clients)) as c2:
-        def worker(_: int) -> int:
-            done = 0
-            deadline = time.perf_counter() + seconds
-            for _ in range(max(1, requests // clients)):
-                c2.post("/predict_tensor", content=body, headers=headers).raise_for_status()
-                done += 1
-                if time.perf_counter() > deadline:
-                    break
-            return done
-
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            conc = sum(pool.map(worker, range(clients)))
-        conc_rate = conc / (time.perf_counter() - t0)
-    return {
-        "model": served["name"], "input_shape": shape,
-        "predict_batch1_ms": {"n": int(lat.size), "p50": float(np.percentile(lat, 50)),
-                              "p95": float(np.percentile(lat, 95))},
-        "predict_tensor_images_per_s": {"sequential": seq_rate, f"concurrent_{clients}": conc_rate,
-                                        "n_sequential": seq, "n_concurrent": conc},
-    }
+    """The command line's measurements (latencies in ms, throughput in images per second)."""
+    model, shape = resolve_model(url, model, None)
+    image = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    bounds = dict(requests=requests, seconds=seconds)
+    for warm in (png_request(image[0], model), tensor_request(image, model)):
+        run_level(url, warm, 1, requests=5, seconds=seconds)
+    tensor = tensor_request(image, model)
+    return dict(
+        model=model,
+        input_shape=list(shape),
+        predict_batch1=run_level(url, png_request(image[0], model), 1, **bounds),
+        predict_tensor=[run_level(url, tensor, c, **bounds) for c in sorted({1, clients})],
+    )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:3000")
     parser.add_argument("--requests", type=int, default=400, help="requests per phase")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0, help="time cap per phase")
     parser.add_argument("--model", default=None, help="model name (default: the default model)")
-    args = parser.parse_args()
-    print(json.dumps(run(args.url, args.requests, args.clients, args.seconds, args.model),
-                     indent=2))
+    args = parser.parse_args(argv)
+    result = run(args.url, args.requests, args.clients, args.seconds, args.model)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
