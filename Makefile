@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test lint serve default-model clean
+.PHONY: install data browser test lint serve default-model clean
 
 # The embedded default: a CPU-sized AOL network on Fashion-MNIST, two minutes of training.
 DEFAULT_TRAIN := --method aol --size xxs --dataset fashion-mnist --budget 2m
@@ -26,7 +26,16 @@ data:
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null)) ) || \
 	  echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded if online"
 
-test: install
+# Debian's chromium for the web page's browser test (tests/test_web_page.py drives it with
+# Playwright; Playwright's own browser download is never used). Skipped, with a note, where apt
+# cannot install it: the test then skips and says why.
+browser:
+	@test -x /usr/bin/chromium || (command -v apt-get >/dev/null && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null)) ) || \
+	  echo "note: could not install chromium; the browser test of the web page will be skipped"
+
+test: install browser
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
 # Train the default model once, only when the BentoML store holds no lipcert model yet.

@@ -10,7 +10,8 @@
   maps it to a model's input by channel averaging and exact area downsampling, so the radius in
   the photo's own pixels is defined).
 
-``index.json`` lists every file with its label and provenance (the web page reads it).
+``index.json`` lists every file with its label, its index in the data set and its provenance
+(the web page reads it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _fashion() -> list[dict]:
         pixels = data.test_images[index, 0].numpy()  # (28, 28) uint8
         Image.fromarray(pixels, mode="L").save(HERE / f"{name}.png", optimize=True)
         out.append({"file": f"{name}.png", "label": data.classes[cls], "dataset": "fashion-mnist",
-                    "size": "28×28 gray",
+                    "index": index, "size": "28×28 gray",
                     "source": f"Fashion-MNIST test image {index} (MIT licence, Zalando Research)"})
     return out
 
@@ -59,7 +60,7 @@ def _digits() -> list[dict]:
         index = int(min(i for i in test_idx if i >= 1500 and bunch.target[i] == digit))
         Image.fromarray(images[index], mode="L").save(HERE / f"digit-{digit}.png")
         out.append({"file": f"digit-{digit}.png", "label": str(digit), "dataset": "digits",
-                    "size": "8×8 gray",
+                    "index": index, "size": "8×8 gray",
                     "source": f"scikit-learn load_digits image {index} (UCI optical "
                               "recognition of handwritten digits, CC BY 4.0)"})
     return out
@@ -74,7 +75,7 @@ def _photo() -> list[dict]:
     crop = photo.crop((left, top, left + side, top + side))
     crop.resize((PHOTO_SIZE, PHOTO_SIZE), Image.Resampling.LANCZOS).save(
         HERE / "photo-flower.png", optimize=True)
-    return [{"file": "photo-flower.png", "label": None, "dataset": "photo",
+    return [{"file": "photo-flower.png", "label": None, "dataset": "photo", "index": None,
              "size": f"{PHOTO_SIZE}×{PHOTO_SIZE} RGB",
              "source": "scikit-learn sample image flower.jpg by vultilion on Flickr "
                        "(CC BY 2.0), centre-cropped and resized"}]
