@@ -8,12 +8,13 @@ import copy
 import torch
 
 from models import create_layer, list_methods
-from tests.lipschitz_utils import adversarial_steps, singular_values
+from models.jacobian import adversarial_steps, singular_values
+from training.tables import render_markdown
 
 
 def main() -> None:
-    print("| method | k | max σ at init | max σ after 20 adversarial steps | min σ after |")
-    print("|---|---|---|---|---|")
+    header = ("method", "k", "max σ at init", "max σ after 20 adversarial steps", "min σ after")
+    rows = []
     for method in list_methods():
         for k in (1, 3):
             torch.manual_seed(0)
@@ -23,7 +24,8 @@ def main() -> None:
             adversarial_steps(layer, (4, 8, 8), steps=20)
             layer.eval()
             s1 = singular_values(copy.deepcopy(layer), x)
-            print(f"| {method} | {k} | {s0.max():.6f} | {s1.max():.6f} | {s1.min():.6f} |")
+            rows.append([method, k, f"{s0.max():.6f}", f"{s1.max():.6f}", f"{s1.min():.6f}"])
+    print(render_markdown(header, rows), end="")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Exact Lipschitz measurements on small inputs, shared by the tests."""
+"""Exact Lipschitz measurements on small inputs, shared by the tests (the layer measurements
+live in :mod:`models.jacobian`; re-exported here for the tests that import them from here)."""
 
 from __future__ import annotations
 
@@ -7,34 +8,9 @@ import math
 import torch
 from torch import nn
 
+from models.jacobian import adversarial_steps, jacobian_matrix, singular_values
 
-def jacobian_matrix(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The Jacobian of ``f`` at a single input ``x`` (shape ``(1, C, H, W)``) as a matrix, float64.
-
-    For a linear layer this is the operator itself: pushing the identity basis through it.
-    """
-    f = f.double()
-    x = x.double()
-    jac = torch.autograd.functional.jacobian(lambda t: f(t).flatten(), x)
-    return jac.reshape(jac.shape[0], -1)
-
-
-def singular_values(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(jacobian_matrix(f, x))
-
-
-def adversarial_steps(layer: nn.Module, shape: tuple[int, ...], steps: int = 20) -> None:
-    """Train ``layer``'s parameters to maximize ``‖f(x) − f(y)‖ / ‖x − y‖`` (try to break it)."""
-    params = [p for p in layer.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=0.05)
-    layer.train()
-    for _ in range(steps):
-        x = torch.randn(8, *shape)
-        y = x + 0.1 * torch.randn_like(x)
-        ratio = (layer(x) - layer(y)).flatten(1).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
-        opt.zero_grad()
-        (-ratio.mean()).backward()
-        opt.step()
+__all__ = ["adversarial_steps", "feature_attack", "jacobian_matrix", "singular_values"]
 
 
 def feature_attack(head: nn.Module, h: torch.Tensor, y: torch.Tensor, radius: torch.Tensor,
