@@ -19,9 +19,6 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0
 #: Radius buckets ([0, 1]-pixel L2 units); 36/255, 72/255 and 108/255 are the paper's ε.
 RADIUS_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 36 / 255, 0.2, 72 / 255, 108 / 255, 0.5, 1.0, 2.0)
 
-#: ``outcome`` label values of the request counter.
-OUTCOMES = ("ok", "rejected", "error")
-
 
 @dataclass(frozen=True)
 class ServiceMetrics:
