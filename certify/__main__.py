@@ -1,6 +1,8 @@
 """Command line: ``python -m certify evaluate MODEL.onnx --dataset NAME`` and ``audit MODEL.onnx``.
 
-``evaluate`` verifies the file, runs the test set through ONNX Runtime, prints clean accuracy and
+Both load the file exactly as the service does (:func:`certify.artifact.load`: bytes read once,
+the graph re-audited, metadata only cross-checked) and exit 2 with a one-line reason when it is
+refused. ``evaluate`` runs the test set through ONNX Runtime, prints clean accuracy and
 the certified robust accuracy (CRA) at the standard radii, writes ``<model>.certify.json`` and a
 CRA-vs-ε curve ``<model>.cra.png`` next to the model, prints the audit table and runs the attack
 check on the first certified points. ``audit`` prints the per-layer audit table. User errors
@@ -43,42 +45,33 @@ def _curve(logits: np.ndarray, labels: np.ndarray, kwargs: dict, path: Path) -> 
     return [[float(e), c] for e, c in zip(eps, cra, strict=True)]
 
 
-def _audit(path: Path, session: Any = None) -> Any:
-    from certify.audit import audit
-    from models.export import load_twin, read_metadata
-
-    meta = read_metadata(path)
-    twin = load_twin(path, session=session)
-    return audit(twin, tuple(meta["input_shape"]))
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
-    from models.export import verify
+    from certify.artifact import load
+    from certify.audit import audit
 
-    verify(args.model)
-    print(_audit(Path(args.model)).table())
+    artifact = load(args.model, threads=args.threads)
+    # The load proved the bound; the table adds power-iteration lower estimates beside it.
+    print(audit(artifact.twin, artifact.input_shape).table())
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from certify.artifact import load
     from certify.attack import attack_check
+    from certify.audit import audit
     from certify.radius import STANDARD_EPS, certified_accuracy, eps_key
-    from models.export import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, load_onnx
     from training.data import load_dataset
 
     path = Path(args.model)
-    session, meta = load_onnx(path, threads=args.threads)
+    artifact = load(path, threads=args.threads)
+    meta = artifact.metadata
     data = load_dataset(args.dataset)
     images, labels = data.test_images, data.test_labels
     if args.limit is not None:
         images, labels = images[: args.limit], labels[: args.limit]
-    x = images.numpy().astype(np.float32) / 255.0
     y = labels.numpy()
-    logits = np.concatenate(
-        [session.run([OUTPUT_NAME], {INPUT_NAME: x[i : i + 256]})[0]
-         for i in range(0, len(x), 256)]
-    )
-    kwargs = certificate_kwargs(meta)
+    logits = artifact.logits(images)
+    kwargs = artifact.certificate_kwargs()
     acc = certified_accuracy(logits, y, STANDARD_EPS, **kwargs)
     kind = f"{meta['method']} {meta['size']}, {meta['certificate']} certificate"
     print(f"model        {path}  ({kind})")
@@ -90,9 +83,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stem = path.with_suffix("")
     png = Path(f"{stem}.cra.png")
     curve = _curve(logits, y, kwargs, png)
-    result = _audit(path, session)
+    result = audit(artifact.twin, artifact.input_shape)
     print(result.table())
-    attack = attack_check(path, images, labels, steps=args.attack_steps, restarts=2,
+    attack = attack_check(artifact, images, labels, steps=args.attack_steps, restarts=2,
                           max_points=args.attack_points)
     print(
         f"attack check {attack['attacked']} of {attack['certified']} certified points attacked, "
@@ -101,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     flipped = attack["flipped"]
     curvature = None
     if args.curvature:
-        curvature = _curvature(path, meta, images, labels, args)
+        curvature = _curvature(artifact, images, labels, args)
         flipped += curvature["attack"]["flipped"]
     report = dict(
         model=str(path), dataset=args.dataset, points=int(len(y)), method=meta["method"],
@@ -116,28 +109,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if flipped == 0 else 1
 
 
-def _curvature(path: Path, meta: dict, images: Any, labels: Any, args: argparse.Namespace) -> dict:
+def _curvature(artifact: Any, images: Any, labels: Any, args: argparse.Namespace) -> dict:
     """The CRC-Lip curvature certificate (python only: it needs the features): CRA + attack."""
     from certify.attack import attack_check
     from certify.curvature import curvature_radii
     from certify.radius import STANDARD_EPS, eps_key
-    from models.export import load_twin
     from models.heads import PlainCRCHead
 
-    twin = load_twin(path)
+    twin = artifact.twin
     head = getattr(getattr(twin, "head", None), "head", None)
     if not isinstance(head, PlainCRCHead):
         raise ValueError(
-            f"--curvature needs a model with a CRC-Lip head; {path} has a "
-            f"{type(head).__name__} head ({meta.get('certificate')!r} certificate)"
+            f"--curvature needs a model with a CRC-Lip head; {artifact.source} has a "
+            f"{type(head).__name__} head ({artifact.metadata.get('certificate')!r} certificate)"
         )
-    radii, pred = curvature_radii(twin, images, body_bound=meta["lipschitz_bound_body"])
+    radii, pred = curvature_radii(twin, images, body_bound=artifact.audit.body_bound)
     ok = pred == labels
     cra = {eps_key(e): float(((radii > e) & ok).double().mean()) for e in STANDARD_EPS}
     print("curvature certificate (CRC-Lip, features in torch)")
     for e in STANDARD_EPS:
         print(f"{e:<12.4f} {cra[eps_key(e)]:.4f}")
-    attack = attack_check(path, images, labels, steps=args.attack_steps, restarts=2,
+    attack = attack_check(artifact, images, labels, steps=args.attack_steps, restarts=2,
                           max_points=args.attack_points, radii=radii)
     print(
         f"attack check {attack['attacked']} of {attack['certified']} curvature-certified points "
@@ -161,12 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
     au = sub.add_parser("audit", help="per-layer Lipschitz audit table")
     au.add_argument("model")
+    au.add_argument("--threads", type=int, default=None)
     au.set_defaults(func=cmd_audit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.export import ModelVerificationError
+    from certify.artifact import ExportError, ModelVerificationError
+    from certify.audit import AuditError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "limit", None) is not None and args.limit < 1:
@@ -174,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ModelVerificationError, ValueError, FileNotFoundError) as exc:
+    except (ModelVerificationError, ExportError, AuditError, ValueError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -1,12 +1,12 @@
 """Attack check: PGD (L2) inside each certified ball must never change an ONNX prediction.
 
-For every certified point ``x`` (radius ``r > 0`` from the ONNX Runtime logits and the model's
-stored certificate), projected gradient ascent on the torch twin (:func:`models.export.load_twin`)
-maximizes the margin loss ``max_{j≠y} z_j − z_y`` of the predicted class ``y`` over
-``‖δ‖₂ ≤ 0.999·r`` (and ``x + δ`` in [0, 1]). Every iterate's best point is then re-run in ONNX
-Runtime: a changed argmax there is a *flip*, a counterexample to the certificate. A sound model
-gives zero flips; the test suite checks that a model whose weights were scaled after its bound
-was computed does flip, so the check can fail.
+For every certified point ``x`` (radius ``r > 0`` from the ONNX Runtime logits and the
+certificate the load proved), projected gradient ascent on the torch twin
+(:attr:`certify.artifact.Artifact.twin`) maximizes the margin loss ``max_{j≠y} z_j − z_y`` of
+the predicted class ``y`` over ``‖δ‖₂ ≤ 0.999·r`` (and ``x + δ`` in [0, 1]). Every iterate's
+best point is then re-run in ONNX Runtime: a changed argmax there is a *flip*, a counterexample
+to the certificate. A sound model gives zero flips; the test suite checks that a model whose
+weights were scaled after its bound was computed does flip, so the check can fail.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _project(delta: torch.Tensor, x: torch.Tensor, cap: torch.Tensor) -> torch.T
 
 
 def attack_check(
-    onnx_path: str | Path,
+    onnx_path: str | Path | Any,
     images: Any,
     labels: Any = None,
     *,
@@ -62,7 +62,7 @@ def attack_check(
     """Try to flip certified predictions with PGD inside their certified L2 balls.
 
     Args:
-        onnx_path: a lipcert ONNX file.
+        onnx_path: a lipcert ONNX file, or an already loaded :class:`certify.artifact.Artifact`.
         images: ``(N, C, H, W)`` uint8 in [0, 255] or float in [0, 1].
         labels: optional ``(N,)`` labels; when given, only correctly classified certified points
             are attacked (those that count in the certified accuracy).
@@ -70,8 +70,9 @@ def attack_check(
         restarts: random starts per point (the first restart starts at a random direction too).
         step_fraction: L2 step length as a fraction of each point's cap.
         max_points: attack at most this many certified points (the first ones).
-        verify_hash: check the file with :func:`models.export.verify` first; ``False`` only to
-            test the check itself on a deliberately tampered file.
+        verify_hash: load the file through :func:`certify.artifact.load` (the re-audit; the
+            radii use the proven certificate); ``False`` only to test the check itself on a
+            deliberately tampered file (then the file's *stated* certificate is attacked).
         seed: seed of the random starts.
         radii: optional ``(N,)`` radii to check instead of the file's stored certificate (e.g.
             :func:`certify.curvature.curvature_radius` of a CRC-Lip model).
@@ -83,36 +84,27 @@ def attack_check(
 
     Raises:
         ValueError: on bad arguments.
-        models.export.ModelVerificationError: a bad file (when ``verify_hash``).
+        certify.artifact.ModelVerificationError: a refused file (when ``verify_hash``).
     """
+    from certify.artifact import Artifact, load, open_unverified
     from certify.radius import certified_radius
-    from models.export import (
-        INPUT_NAME,
-        OUTPUT_NAME,
-        _decode,
-        _load_onnx_proto,
-        _session,
-        certificate_kwargs,
-        load_twin,
-        verify,
-    )
 
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
     if not 0 < step_fraction <= 1:
         raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
-    if verify_hash:
-        meta = verify(onnx_path)
+    if isinstance(onnx_path, Artifact):
+        artifact = onnx_path
+    elif verify_hash:
+        artifact = load(onnx_path, threads=1)
     else:
-        proto = _load_onnx_proto(onnx_path)
-        meta = {p.key: _decode(p.key, p.value) for p in proto.metadata_props}
-    session = _session(onnx_path, threads=1)
-    twin = load_twin(onnx_path, session=session)
+        artifact = open_unverified(onnx_path)
+    twin = artifact.twin
 
     x_all = _as_float_images(images)
-    (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x_all})
+    logits = artifact.logits(x_all)
     if radii is None:
-        radius = certified_radius(logits, **certificate_kwargs(meta))
+        radius = certified_radius(logits, **artifact.certificate_kwargs())
     else:
         radius = np.asarray(
             radii.detach().cpu() if torch.is_tensor(radii) else radii, dtype=np.float64
@@ -164,8 +156,7 @@ def attack_check(
             best_delta[better] = delta[better]
 
     x_adv = (x + best_delta).numpy().astype(np.float32)
-    (adv_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: x_adv})
-    adv_logits = adv_logits.astype(np.float64)
+    adv_logits = artifact.logits(x_adv).astype(np.float64)
     yn = y.numpy()
     flipped = adv_logits.argmax(axis=1) != yn
     z_y = adv_logits[np.arange(len(yn)), yn]

@@ -368,7 +368,7 @@ def layer_bound(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[float,
     Raises:
         TypeError: for any module type without a rule (the audit never guesses).
     """
-    if callable(getattr(module, "lipschitz_upper_bound", None)):
+    if _own_rule(module, "lipschitz_upper_bound") and callable(module.lipschitz_upper_bound):
         return _bound_own(module, input_shape)
     rule = _RULES.get(type(module))
     if rule is not None:
@@ -442,31 +442,66 @@ def _chw(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def _own_rule(module: nn.Module, attr: str) -> bool:
+    """A module's self-description (``lipschitz_upper_bound``, ``affine``,
+    ``pairwise_lipschitz``) is trusted only from lipcert's own plain classes."""
+    return type(module).__module__.startswith("models.") and hasattr(module, attr)
+
+
+def _has_rule(module: nn.Module) -> bool:
+    return (
+        _own_rule(module, "lipschitz_upper_bound")
+        and callable(module.lipschitz_upper_bound)
+    ) or type(module) in _RULES
+
+
 def _leaves(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    """Leaf layers in forward order: a module with its own rule is a leaf; Sequential recurses."""
-    has_rule = callable(getattr(module, "lipschitz_upper_bound", None)) or type(module) in _RULES
-    if type(module) is nn.Sequential and not has_rule:
+    """Leaf layers in forward order: a module with its own rule is a leaf; Sequential recurses.
+
+    Every entry of a Sequential counts, repeats included (``named_children`` would skip a
+    module that appears twice, and so undercount its Lipschitz constant).
+    """
+    if type(module) is nn.Sequential and not _has_rule(module):
         out: list[tuple[str, nn.Module]] = []
-        for name, child in module.named_children():
+        for name, child in module._modules.items():
+            if child is None:
+                raise AuditError(f"{prefix or 'model'}.{name} is None inside a Sequential")
             out += _leaves(child, f"{prefix}.{name}" if prefix else name)
         return out
     return [(prefix, module)]
 
 
-def _trace_shapes(model: nn.Module, shape: tuple[int, ...], leaves: list) -> dict[int, tuple]:
-    seen: dict[int, tuple] = {}
+def _trace_shapes(model: nn.Module, shape: tuple[int, ...], leaves: list) -> list[tuple]:
+    """The input shape of each leaf occurrence, in order; refuses leaves called otherwise."""
+    calls: dict[int, list[tuple]] = {}
 
     def record(mod: nn.Module, args: tuple) -> None:  # must return None: a value replaces args
-        seen.setdefault(id(mod), tuple(args[0].shape[1:]))
+        calls.setdefault(id(mod), []).append(tuple(args[0].shape[1:]))
 
-    hooks = [m.register_forward_pre_hook(record) for _, m in leaves]
+    unique = {id(m): m for _, m in leaves}
+    hooks = [m.register_forward_pre_hook(record) for m in unique.values()]
     try:
         with torch.no_grad():
             model(torch.zeros((1, *shape)))
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    occurrences: dict[int, int] = {}
+    for _, m in leaves:
+        occurrences[id(m)] = occurrences.get(id(m), 0) + 1
+    shapes = []
+    seen: dict[int, int] = {}
+    for name, m in leaves:
+        made = len(calls.get(id(m), []))
+        if made != occurrences[id(m)]:
+            raise AuditError(
+                f"layer {name} is called {made} times but appears {occurrences[id(m)]} times in "
+                "the network; the audit proves only plain sequential compositions"
+            )
+        k = seen.get(id(m), 0)
+        seen[id(m)] = k + 1
+        shapes.append(calls[id(m)][k])
+    return shapes
 
 
 def head_rows(head: nn.Module, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -496,7 +531,7 @@ def _is_affine_head(leaves: list[tuple[str, nn.Module]]) -> bool:
     linear_glue = (blocks.FirstChannels, blocks.Flatten, nn.Flatten, nn.Identity)
     # A plain head may declare itself affine (``affine = True``, e.g. the LLN head).
     def is_affine(m: nn.Module) -> bool:
-        return type(m) in affine or getattr(m, "affine", False) is True
+        return type(m) in affine or (_own_rule(m, "affine") and m.affine is True)
 
     return all(is_affine(m) or type(m) in linear_glue for _, m in leaves) and any(
         is_affine(m) for _, m in leaves
@@ -531,9 +566,14 @@ def audit(
     """
     shape = _chw(input_shape)
     model = plain_model.eval()
-    names = dict(model.named_children())
-    if set(names) >= {"body", "head"}:
+    names = dict(model._modules)
+    if type(model) is nn.Sequential and list(names) == ["body", "head"]:
         parts = [("body", names["body"]), ("head", names["head"])]
+    elif {"body", "head"} & set(names):
+        raise AuditError(
+            f"a network with children {list(names)} is not audited: expected exactly "
+            "Sequential(body=..., head=...) (what LipNet.export() returns) or a plain Sequential"
+        )
     else:
         parts = [("body", model)]
     leaves = [
@@ -544,10 +584,7 @@ def audit(
     shapes = _trace_shapes(model, shape, [(n, m) for _, n, m in leaves])
     rows: list[LayerBound] = []
     gen = torch.Generator().manual_seed(0)
-    for part, name, module in leaves:
-        in_shape = shapes.get(id(module))
-        if in_shape is None:
-            raise AuditError(f"layer {name} is never called in the forward pass")
+    for (part, name, module), in_shape in zip(leaves, shapes, strict=True):
         bound, how = layer_bound(module, in_shape)
         est = None
         if lower and type(module) not in ONE_LIPSCHITZ and len(in_shape) >= 1:
@@ -568,12 +605,12 @@ def audit(
     if len(parts) == 2 and _is_affine_head(head_leaves):
         from certify.radius import head_row_distances
 
-        head_in = shapes[id(head_leaves[0][1])]
+        head_in = next(sh for (p, _, _), sh in zip(leaves, shapes, strict=True) if p == "head")
         rows_w = head_rows(names["head"], head_in)
         pairs = head_row_distances(rows_w).numpy()
         certificate = "linear_head"
-    elif len(parts) == 2 and len(head_leaves) == 1 and callable(
-        getattr(head_leaves[0][1], "pairwise_lipschitz", None)
+    elif len(parts) == 2 and len(head_leaves) == 1 and _own_rule(
+        head_leaves[0][1], "pairwise_lipschitz"
     ):
         pairs = np.asarray(head_leaves[0][1].pairwise_lipschitz(), dtype=np.float64)
         if not np.isfinite(pairs).all() or (pairs < 0).any():

@@ -7,14 +7,15 @@ Sources, in order of precedence:
 - otherwise the BentoML model store: every model labelled ``lipcert=1``, its ``model.onnx``.
 
 A model is served only if all of these hold, else it is *refused* and the log says why:
-``models.export.verify`` passes (weights sha256, lipcert metadata, bounds consistent, graph
-input/output), the bound the certificate divides by is present, finite, positive and at most
-``1 + tolerance``: the whole network's audited ``lipschitz_bound`` for the generic certificate (a
-Standard, unconstrained network therefore is refused: DESIGN's rule, even though dividing by a
-larger bound would still give sound radii), the body bound for the head certificates
-(``linear_head``: LLN and linear heads; ``pairwise``: CRC-Lip), whose heads are not 1-Lipschitz by
-design and are certified through ``head_distances``, the metadata's input shape and classes agree
-with the ONNX graph, and the session runs.
+:func:`certify.artifact.load` proves it (the file's bytes are read once; the graph must be
+exactly the export of the network its config describes, with the file's weights; the bound, head
+distances and certificate are re-audited from that graph, never read from metadata, and the
+metadata must agree with them; the session is built from the same bytes), and the bound the
+certificate divides by is at most ``1 + tolerance``: the whole network's bound for the generic
+certificate (a Standard, unconstrained network therefore is refused: DESIGN's rule, even though
+dividing by a larger bound would still give sound radii), the body bound for the head
+certificates (``linear_head``: LLN and linear heads; ``pairwise``: CRC-Lip), whose heads are not
+1-Lipschitz by design and are certified through ``head_distances``.
 
 At load each session is profiled: resident memory added by creating and warming it (RSS delta,
 so approximate), and latency percentiles of a few runs at batch 1 and at the batching size.
@@ -132,6 +133,7 @@ class ServedModel:
     provider: str = "CPUExecutionProvider"
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     memory_bytes: int = 0
+    slack_rel: float = 2.0**-12
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Logits ``(N, classes)`` float32 of ``images`` ``(N, C, H, W)`` float32 in [0, 1]."""
@@ -143,8 +145,8 @@ class ServedModel:
 
         if self.head_distances is not None:
             return certified_radius(logits, self.lipschitz_bound,
-                                    head_distances=self.head_distances)
-        return certified_radius(logits, self.lipschitz_bound)
+                                    head_distances=self.head_distances, slack_rel=self.slack_rel)
+        return certified_radius(logits, self.lipschitz_bound, slack_rel=self.slack_rel)
 
     def cra(self, eps: float = DEFAULT_EPS) -> float | None:
         """Certified accuracy at ``eps`` from the metadata, if recorded."""
@@ -295,7 +297,7 @@ def profile_latency(model: ServedModel, batches: Sequence[int], runs: int) -> di
 
 
 def load_model(source: ModelSource, options: LoadOptions) -> ServedModel:
-    """Verify and load one model.
+    """Load one model through :func:`certify.artifact.load` (the re-audit) and profile it.
 
     Args:
         source: where the model is.
@@ -307,62 +309,42 @@ def load_model(source: ModelSource, options: LoadOptions) -> ServedModel:
     Raises:
         ModelRefused: any failed check (see the module docstring).
     """
-    import onnxruntime as ort
-
-    from models.export import HEAD_CERTIFICATES, ModelVerificationError, certificate_kwargs, verify
+    from certify.artifact import HEAD_CERTIFICATES, ModelVerificationError, load
 
     path = source.path
+    providers = list(options.providers or default_providers())
+    rss0 = _rss()
     try:
-        meta = dict(verify(path))  # hash, metadata, bounds, certificate, graph I/O
+        # The bytes are read once; bound, head distances and certificate come from the graph.
+        artifact = load(path, providers=providers, threads=options.intra_op_threads or None)
     except ModelVerificationError as exc:
         raise ModelRefused(f"verification failed: {exc}") from None
-    certificate = str(meta["certificate"])
-    audited = _float(meta, "lipschitz_bound")
+    meta = artifact.metadata
+    result = artifact.audit
+    certificate = result.certificate
+    audited = float(result.bound)
     if certificate not in HEAD_CERTIFICATES:
         # Generic certificate: the whole network must be 1-Lipschitz. With a head certificate
         # (LLN, CRC-Lip) the head is not 1-Lipschitz by design; its body is checked below.
         audited = _check_bound("lipschitz_bound", audited, options.bound_tolerance)
-    body = _float(meta, "lipschitz_bound_body")
-    head = _float(meta, "lipschitz_bound_head")
-    kwargs = certificate_kwargs(meta)
+    kwargs = artifact.certificate_kwargs()
     bound = _check_bound("certificate bound", float(kwargs["lipschitz_bound"]),
                          options.bound_tolerance)
-    head_distances = kwargs.get("head_distances")
-    classes = list(meta["classes"])
-    shape = tuple(int(s) for s in meta["input_shape"])
-    if len(shape) != 3:
-        raise ModelRefused(f"metadata input_shape {list(shape)} is not [C, H, W]")
+    classes = [str(c) for c in meta["classes"]]
+    shape = artifact.input_shape
     accuracy = {**meta, **dict(source.report)}  # the report's measured numbers win
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = options.intra_op_threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    providers = list(options.providers or default_providers())
-    rss0 = _rss()
-    try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ModelRefused(f"ONNX Runtime cannot load it: {exc}") from None
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or [d for d in inputs[0].shape[1:]] != list(shape):
-        raise ModelRefused(f"ONNX input {[i.shape for i in inputs]} does not match "
-                           f"input_shape {list(shape)}")
     parameters = _float(accuracy, "parameters")
-    if parameters is None:  # count the exported weights
-        import onnx
-
-        graph = onnx.load(str(path), load_external_data=False).graph
-        parameters = sum(int(np.prod(init.dims)) for init in graph.initializer)
     served = ServedModel(
         name=source.name, path=path, tag=source.tag, method=str(meta["method"]),
         size=str(meta.get("size", "")), dataset=str(meta.get("dataset", "")),
-        classes=[str(c) for c in classes], input_shape=shape, certificate=certificate,
-        lipschitz_bound=bound, audited_bound=audited, body_bound=body, head_bound=head,
-        head_distances=head_distances, clean_accuracy=_float(accuracy, "clean_accuracy"),
-        certified_accuracy=_certified_accuracy(accuracy), parameters=int(parameters),
-        onnx_bytes=path.stat().st_size, metadata=meta, session=session,
-        input_name=inputs[0].name, provider=session.get_providers()[0],
+        classes=classes, input_shape=shape, certificate=certificate,
+        lipschitz_bound=bound, audited_bound=audited, body_bound=float(result.body_bound),
+        head_bound=float(result.head_bound), head_distances=kwargs.get("head_distances"),
+        clean_accuracy=_float(accuracy, "clean_accuracy"),
+        certified_accuracy=_certified_accuracy(accuracy),
+        parameters=int(parameters if parameters is not None else artifact.parameters),
+        onnx_bytes=artifact.onnx_bytes, metadata=meta, session=artifact.session,
+        input_name="image", provider=artifact.provider, slack_rel=kwargs["slack_rel"],
     )
     logits = served.run(np.zeros((1, *shape), dtype=np.float32))
     if logits.shape != (1, len(classes)):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from certify.attack import attack_check
-from models.export import to_onnx
+from certify.artifact import to_onnx
 from models.registry import create_model
 from training.data import load_dataset
 
@@ -69,7 +69,7 @@ def test_flips_when_weights_outgrow_the_bound(trained, tmp_path):
 
 
 def test_tampered_file_refused_by_default(trained, tmp_path):
-    from models.export import ModelVerificationError
+    from certify.artifact import ModelVerificationError
 
     path, data = trained
     proto = onnx.load(str(path))

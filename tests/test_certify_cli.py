@@ -14,7 +14,7 @@ from test_attack import train_digits_model
 
 from certify.__main__ import main
 from certify.radius import certified_accuracy
-from models.export import certificate_kwargs, load_onnx, to_onnx
+from certify.artifact import certificate_kwargs, load_onnx, to_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import torch
 from certify.attack import attack_check
 from certify.curvature import curvature_bounds, curvature_certified_accuracy, curvature_radius
 from certify.radius import certified_radius
-from models.export import certificate_kwargs, load_twin, to_onnx, verify
+from certify.artifact import certificate_kwargs, load_twin, to_onnx, verify
 from models.heads import CRC_BETA, CRCHead, PlainCRCHead
 from models.registry import create_model
 from tests.lipschitz_utils import feature_attack

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from models.export import (
+from certify.artifact import (
     METADATA_KEYS,
     ModelVerificationError,
     load_onnx,
@@ -44,7 +44,7 @@ def test_export_roundtrip(method, tmp_path):
         ref = model(x).numpy()
     (out,) = session.run(["logits"], {"image": x.numpy()})
     assert np.abs(out - ref).max() <= 1e-4
-    twin = load_twin(path, session=session)
+    twin = load_twin(path)
     with torch.no_grad():
         assert np.abs(twin(x).numpy() - out).max() <= 1e-4
 

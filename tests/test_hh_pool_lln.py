@@ -12,7 +12,8 @@ from certify.audit import audit
 from certify.radius import certified_radius
 from models.activations import HouseholderActivation
 from models.blocks import MaxMin
-from models.export import certificate_kwargs, to_onnx, to_plain, verify
+from certify.artifact import certificate_kwargs, to_onnx, verify
+from models.export import to_plain
 from models.pooling import DistancePool
 from models.registry import create_model
 from tests.lipschitz_utils import feature_attack

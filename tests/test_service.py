@@ -70,7 +70,7 @@ def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 20
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import models
     from certify import certified_accuracy
-    from models.export import certificate_kwargs, to_onnx, verify
+    from certify.artifact import certificate_kwargs, to_onnx, verify
 
     root = tmp_path_factory.mktemp("lipcert-models")
     x, y = _digits()
@@ -121,7 +121,7 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 def _expected(model_dir: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Logits and radii computed here, independently of the service."""
     from certify import certified_radius
-    from models.export import certificate_kwargs, read_metadata
+    from certify.artifact import certificate_kwargs, read_metadata
 
     path = model_dir / AOL / "model.onnx"
     logits = _ort_logits(path, x)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from certify import certified_radius
-from models.export import certificate_kwargs, to_onnx, verify
+from certify.artifact import certificate_kwargs, to_onnx, verify
 from models.registry import create_model
 from service.loader import LoadOptions, ModelRefused, ModelSource, load_model
 

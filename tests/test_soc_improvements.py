@@ -21,7 +21,8 @@ from certify.audit import audit
 from certify.radius import certified_radius, head_row_distances
 from models.activations import HouseholderActivation, PlainHouseholder, create_activation
 from models.blocks import MaxMin
-from models.export import certificate_kwargs, load_onnx, load_twin, to_onnx, to_plain, verify
+from certify.artifact import certificate_kwargs, load_onnx, load_twin, to_onnx, verify
+from models.export import to_plain
 from models.heads import PlainLLNHead
 from models.network import LipNet
 from models.pooling import DistancePool, PlainDistancePool, create_pool
@@ -491,7 +492,7 @@ def test_trained_options_model_exports_verifies_and_matches(trained_lln, digits)
     (out,) = session.run(["logits"], {"image": x.numpy()})
     with torch.no_grad():
         assert np.abs(out - model(x).numpy()).max() <= 1e-4
-        assert np.abs(load_twin(path, session=session)(x).numpy() - out).max() <= 1e-4
+        assert np.abs(load_twin(path)(x).numpy() - out).max() <= 1e-4
     assert meta["certificate"] == "linear_head"
     w = model.head.head.normalized_weight().detach().double()
     distances = np.asarray(meta["head_distances"])
@@ -597,7 +598,7 @@ def test_attack_check_accepts_linear_head_and_catches_generic_certificate(antipo
     whole = attack_check(path, images, steps=30, restarts=1,
                          radii=certified_radius(logits, meta["lipschitz_bound"]))
     assert whole["flipped"] == 0
-    head = load_twin(path, session=session).head.head
+    head = load_twin(path).head.head
     assert isinstance(head, PlainLLNHead)
     expected = torch.tensor([[0.0, 2.0], [2.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(head_row_distances(head.rows), expected, atol=1e-9, rtol=0)

@@ -12,10 +12,10 @@ import pytest
 
 import models
 from certify import certified_accuracy
-from models.export import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, verify
+from certify.artifact import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, verify
 from training import TrainConfig, list_store_models, load_dataset, train
 from training.cli import main
-from training.config import DEFAULT_LR, DEFAULT_LR_BY_SIZE, EVAL_EPS
+from training.config import EVAL_EPS, method_defaults
 from training.store import model_name
 
 BUDGET_S = 1.0
@@ -55,7 +55,7 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "model.onnx", "report.json"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
-    expected_lr = DEFAULT_LR_BY_SIZE.get((method, "xxs"), DEFAULT_LR[method])
+    expected_lr = method_defaults(method).peak_lr("xxs")
     assert config["lr"] == expected_lr and config["method"] == method
     assert config["batch_size"] == (256 if method in ("bcop", "lot") else 64)  # CPU defaults
     assert json.loads((run / "report.json").read_text()) == json.loads(json.dumps(report))
