@@ -62,7 +62,13 @@ def read_examples(folder: Path) -> list[dict[str, Any]]:
 
 
 async def _index(_: Request) -> Response:
-    return FileResponse(STATIC / "index.html", headers=_NO_CACHE)
+    page = STATIC / "index.html"
+    if not page.is_file():  # e.g. a bento built without service/static/: say so, don't fail
+        return HTMLResponse(
+            "<!doctype html><title>lipcert</title><p>The web page's files "
+            f"(<code>{page.parent}</code>) are not installed with this service; the JSON API "
+            'works: see <a href="docs">/docs</a>.', status_code=404)
+    return FileResponse(page, headers=_NO_CACHE)
 
 
 async def _bentoml_docs(_: Request) -> Response:
@@ -106,5 +112,5 @@ def create_web_app(examples: Path | None = None) -> Starlette:
         Route("/docs", _bentoml_docs, methods=["GET", "HEAD"]),
         Route("/examples", list_examples, methods=["GET", "HEAD"]),
         Route("/examples/{name}", one_example, methods=["GET", "HEAD"]),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
     ])
