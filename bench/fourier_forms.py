@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--train", action="store_true", help="time forward+backward per method")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if args.train:
         _train_table(args.repeats)
         return

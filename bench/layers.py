@@ -60,6 +60,7 @@ class LayersConfig:
         device: ``"cpu"`` or ``"cuda"``.
         memory: measure peak memory (CPU: 3 subprocesses per method × size).
         onnx: export and time ONNX Runtime.
+        seed: seed of the models' weights and the measured inputs (and of every memory probe).
         out: output folder.
     """
 
@@ -74,20 +75,19 @@ class LayersConfig:
     device: str = "cpu"
     memory: bool = True
     onnx: bool = True
+    seed: int = 0
     out: Path = field(default=Path("bench_results/layers"))
 
     def validate(self) -> None:
         """Raises ValueError naming the bad value and the allowed ones."""
         from models import list_methods, list_sizes
+        from models.registry import check_name
 
         for m in self.methods:
-            if m not in list_methods():
-                raise ValueError(f"unknown method {m!r}; choose from {', '.join(list_methods())}")
+            check_name("method", m, list_methods())
         for s in self.sizes:
-            if s not in list_sizes():
-                raise ValueError(f"unknown size {s!r}; choose from {', '.join(list_sizes())}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"unknown device {self.device!r}; choose from cpu, cuda")
+            check_name("size", s, list_sizes())
+        check_name("device", self.device, ("cpu", "cuda"))
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         if self.batch < 1 or not self.infer_batches or min(self.infer_batches) < 1:
@@ -129,6 +129,7 @@ def memory_spec(cfg: LayersConfig, method: str, size: str, mode: str, onnx_path:
     return dict(
         mode=mode, method=method, size=size, batch=batch, input_shape=list(cfg.input_shape),
         num_classes=cfg.num_classes, onnx_path=str(onnx_path) if onnx_path else None,
+        seed=cfg.seed,
     )
 
 
@@ -163,7 +164,7 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
 
     dev = cfg.device
     c, h, _ = cfg.input_shape
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)
     model = create_model(method, size, c, cfg.num_classes, h).to(dev)
     row: dict[str, Any] = dict(method=method, size=size)
     raw: dict[str, list[float]] = {}
@@ -226,7 +227,7 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
             metadata={"dataset": "bench"},
         )
         session = ort_session(onnx_path, device=dev)
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(cfg.seed)
         check = rng.random((2, *cfg.input_shape), dtype=np.float32)
         with torch.no_grad():
             ref = model(torch.from_numpy(check).to(dev)).cpu().numpy()

@@ -41,7 +41,8 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
     mode = spec["mode"]
     if mode not in ("train", "infer", "onnx"):
         raise ValueError(f"unknown probe mode {mode!r}; choose from train, infer, onnx")
-    torch.manual_seed(0)
+    seed = int(spec.get("seed", 0))
+    torch.manual_seed(seed)
     c, h, w = spec["input_shape"]
     batch = int(spec["batch"])
     # Load the lazily initialized autograd and convolution code before the baseline, so the delta
@@ -56,7 +57,7 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
     baseline = psutil.Process().memory_info().rss
     if mode == "onnx":
         session = ort_session(spec["onnx_path"], device="cpu")
-        x = np.random.default_rng(0).random((batch, c, h, w), dtype=np.float32)
+        x = np.random.default_rng(seed).random((batch, c, h, w), dtype=np.float32)
         for _ in range(2):
             session.run(None, {"image": x})
     else:

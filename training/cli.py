@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 from training.config import (
     CUDA_BATCH_SIZE,
     DEFAULT_BUDGET_S,
+    FALLBACK_DEFAULTS,
     METHOD_DEFAULTS,
     TrainConfig,
     parse_duration,
@@ -37,11 +38,13 @@ _DEFAULT = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 def _batch_help() -> str:
     """``--batch-size``'s help, from the per-method table."""
-    big = sorted(m for m, row in METHOD_DEFAULTS.items() if row.cpu_batch_size != 64)
-    return (
-        f"global batch size (default {CUDA_BATCH_SIZE} on CUDA; on CPU per method: 64"
-        + (f", {METHOD_DEFAULTS[big[0]].cpu_batch_size} for {' and '.join(big)})" if big else ")")
-    )
+    base = FALLBACK_DEFAULTS.cpu_batch_size
+    by_size: dict[int, list[str]] = {}
+    for method, row in METHOD_DEFAULTS.items():
+        if row.cpu_batch_size != base:
+            by_size.setdefault(row.cpu_batch_size, []).append(method)
+    others = "".join(f", {n} for {' and '.join(ms)}" for n, ms in sorted(by_size.items()))
+    return f"global batch size (default {CUDA_BATCH_SIZE} on CUDA; on CPU {base}{others})"
 
 
 class UsageError(Exception):
