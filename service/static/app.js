@@ -376,9 +376,9 @@
 
   function renderModelsTable(body) {
     const keys = epsKeys();
-    const head = ["model", "method", "size", "dataset", "certificate", "clean %",
-      ...keys.map((k) => "CRA " + epsLabel(Number(k)) + " %"), "audited bound", "parameters",
-      "latency b1 p50 / p95 ms", "latency b64 p50 / p95 ms", "memory MiB", "provider"];
+    const head = ["model", "method", "size", "dataset", "certificate", "clean",
+      ...keys.map((k) => "CRA " + epsLabel(Number(k))), "audited bound", "parameters",
+      "b1 p50/p95", "b64 p50/p95", "MiB", "provider"];
     const table = $("models-table");
     table.replaceChildren(el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))));
     const tbody = el("tbody");
@@ -400,10 +400,11 @@
         el("td", {}, m.provider.replace("ExecutionProvider", ""))));
     }
     table.append(tbody);
-    $("models-note").textContent = "★ the default model (best CRA at 36/255). Accuracies are " +
-      "those recorded when the model was trained (its report); latency is ONNX Runtime alone, " +
-      "measured at load at batch 1 and at the batching size; memory is the resident memory " +
-      "its session added. The whole process holds " + mib(body.process_rss_bytes) + " MiB.";
+    $("models-note").textContent = "★ the default model (best CRA at 36/255). Clean and " +
+      "certified robust accuracy (CRA) in %, as recorded when the model was trained (its " +
+      "report). b1, b64: ONNX Runtime latency alone in ms, p50/p95, measured at load at batch 1 " +
+      "and at the batching size. MiB: the resident memory its session added; the whole " +
+      "process holds " + mib(body.process_rss_bytes) + " MiB.";
   }
 
   function svg(tag, attrs, text) {
