@@ -1,0 +1,76 @@
+"""service.loadtest: the load generator's requests are well formed and its counts add up."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from email.parser import BytesParser
+from email.policy import default
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from service.loadtest import percentiles, run
+
+
+class _StandIn(BaseHTTPRequestHandler):
+    """Answers /models, /predict (checks the multipart PNG upload) and /predict_tensor."""
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _send(self, status: int, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/models":
+            self._send(200, dict(default_model="m", models=[dict(name="m", input_shape=[1, 8, 8])]))
+        elif self.path == "/predict_tensor":
+            body = json.loads(raw)
+            ok = body.get("model") == "m" and len(body["images"][0][0]) == 8
+            self._send(200 if ok else 400, [dict(label=0, inference_ms=0.2)] * len(body["images"]))
+        elif self.path == "/predict":
+            head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
+            msg = BytesParser(policy=default).parsebytes(head + raw)
+            parts = {p.get_param("name", header="content-disposition"): p
+                     for p in msg.iter_parts()}
+            image = Image.open(io.BytesIO(parts["image"].get_content()))
+            ok = image.size == (8, 8) and parts["model"].get_content().strip() == "m"
+            self._send(200 if ok else 400, dict(label=1, inference_ms=0.3))
+        else:
+            self._send(404, dict(error="no route"))
+
+
+@pytest.fixture()
+def stand_in():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_command_line_measurements_count_every_request(stand_in):
+    result = run(stand_in, requests=12, clients=3, seconds=20, model=None)
+    assert result["model"] == "m" and result["input_shape"] == [1, 8, 8]
+    png = result["predict_batch1"]
+    assert png["ok"] == png["requests"] == 12 and png["errors"] == 0
+    assert png["server_inference_p50_ms"] == 0.3
+    assert [lev["concurrency"] for lev in result["predict_tensor"]] == [1, 3]
+    for lev in result["predict_tensor"]:
+        assert lev["ok"] == 12 and lev["errors"] == 0
+        assert 0 < lev["p50_ms"] <= lev["p95_ms"] <= lev["p99_ms"]
+
+
+def test_percentiles_name_each_quantile_and_are_none_when_empty():
+    assert percentiles([1.0, 2.0, 3.0], (50,)) == {"p50_ms": 2.0}
+    assert percentiles([], (50, 95)) == {"p50_ms": None, "p95_ms": None}
