@@ -57,11 +57,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     import models
     from certify import certified_accuracy
-
-    try:
-        from certify.artifact import certificate_kwargs, to_onnx, verify
-    except ImportError:  # before the ONNX artifact moved from models.export to certify.artifact
-        from models.export import certificate_kwargs, to_onnx, verify
+    from certify.artifact import certificate_kwargs, to_onnx, verify
 
     root = tmp_path_factory.mktemp("web-models")
     digits = load_digits()
