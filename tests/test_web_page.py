@@ -2,7 +2,7 @@
 
 A small AOL model is trained for a moment on scikit-learn's digits (the shipped digit examples
 are held out), exported and served from a temporary ``LIPCERT_MODELS`` folder with a copy of
-itself (so "all models" shows two) and a Standard model (refused). The browser test starts
+itself (so "all models" shows two) and a tampered copy (refused). The browser test starts
 ``bentoml serve``, opens the page in headless Chromium (Debian's ``chromium``, driven by
 Playwright's Python API; Playwright never downloads a browser here), uploads shipped examples
 and checks that what the page shows equals the ``/predict`` JSON for the same file.
@@ -51,7 +51,8 @@ def _example_files() -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An AOL digits model (with its report), a copy of it, and a refused Standard model."""
+    """An AOL digits model (with its report), a copy of it, and a tampered (refused) copy."""
+    import onnx
     import onnxruntime as ort
     from sklearn.datasets import load_digits
 
@@ -85,8 +86,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report = {"clean_accuracy": acc["clean"], "certified_accuracy": acc}
     (root / AOL / "report.json").write_text(json.dumps(report))
     shutil.copyfile(path, root / f"{TWIN}.onnx")
-    to_onnx(models.create_model("standard", "xxs", 1, 10, 8), root / "standard.onnx",
-            input_shape=(1, 8, 8), metadata={"dataset": "digits"})
+    # a copy with one weight changed: refused at load (hash mismatch), and cheap to make
+    tampered = onnx.load(str(path))
+    init = max(tampered.graph.initializer, key=lambda t: len(t.raw_data))
+    init.raw_data = bytes([init.raw_data[0] ^ 0x40]) + init.raw_data[1:]
+    onnx.save(tampered, str(root / "tampered.onnx"))
     return root
 
 
@@ -357,7 +361,8 @@ def test_e2e_page_in_chromium_shows_the_predict_answer(
         lines = page.locator("#cra-plot svg polyline")
         assert lines.count() == 1 and lines.get_attribute("data-model") == AOL
         assert page.locator("#cra-plot svg circle").count() == 5  # clean + 4 ε
-        assert "exceeds 1 + tolerance" in page.locator("#refused").inner_text()
+        refused = page.locator("#refused").inner_text()
+        assert "tampered.onnx" in refused and "sha256" in refused
         row = page.locator(f"#models-table tr[data-model='{AOL}']").inner_text()
         assert "aol" in row and "digits" in row
         if shots:
