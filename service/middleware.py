@@ -196,21 +196,26 @@ class BodyBudgetMiddleware:
     A request on one of ``routes`` reserves its declared Content-Length (an undeclared, chunked
     body reserves each chunk as it arrives) from a budget shared by all concurrent requests of
     the worker, and gives it back when its response is done. A request that does not fit waits
-    for room; one still waiting at its deadline is answered 429. Its body must have arrived
-    within ``body_timeout_s`` of the request's start, else 408 (before BentoML's own 60 s
-    timeout answers 504). The body bytes a worker holds at once are therefore at most ``budget``
-    plus one request's limit; parsed forms are a bounded multiple of that (docs/service.md).
+    for room; one still waiting at its deadline is answered 429. Bodies of at most
+    ``small_bytes`` reserve nothing, so a burst of large uploads never holds up small requests.
+    A body must have arrived within ``body_timeout_s`` of the request's start, else 408 (before
+    BentoML's own 60 s timeout answers 504). The large bodies a worker holds at once are
+    therefore at most ``budget`` bytes plus one request's limit; their parsed forms are a
+    bounded multiple of that (docs/service.md).
 
     Args:
         app: the wrapped ASGI app.
         routes: the paths guarded (the API routes).
         budget_bytes: default ``LIPCERT_INFLIGHT_BYTES`` or 64 MiB.
         body_timeout_s: default ``LIPCERT_BODY_TIMEOUT_S`` or 30 s.
+        small_bytes: bodies up to this size are not counted (64 KiB).
     """
 
     def __init__(self, app: ASGIApp, routes: Collection[str] = (),
-                 budget_bytes: int | None = None, body_timeout_s: float | None = None) -> None:
+                 budget_bytes: int | None = None, body_timeout_s: float | None = None,
+                 small_bytes: int = 64 * 2**10) -> None:
         self.app = app
+        self.small_bytes = small_bytes
         self.routes = frozenset(routes)
         self.budget = int(budget_bytes if budget_bytes is not None
                           else _env_number("LIPCERT_INFLIGHT_BYTES", 64 * 2**20))
@@ -246,16 +251,17 @@ class BodyBudgetMiddleware:
         deadline = time.monotonic() + self.body_timeout_s
         declared = _declared_length(scope)
         held = 0
-        if declared:
+        if declared and declared > self.small_bytes:
             if not await self._reserve(declared, deadline):
                 await _answer(send, 429, "the server is busy with other large requests; "
                               "retry later", [(b"retry-after", b"1")])
                 return
             held = declared
         done = False
+        streamed = 0
 
         async def receive_wrapper() -> Message:
-            nonlocal done, held
+            nonlocal done, held, streamed
             if done:  # after the body only a disconnect can come: no deadline for it
                 return await receive()
             try:
@@ -266,12 +272,13 @@ class BodyBudgetMiddleware:
                 ) from None
             if message["type"] == "http.request":
                 done = not message.get("more_body", False)
-                size = len(message.get("body", b""))
-                if declared is None and size:
-                    if not await self._reserve(size, deadline):
+                streamed += len(message.get("body", b""))
+                more = streamed - self.small_bytes - held  # chunked: beyond the free part
+                if declared is None and more > 0:
+                    if not await self._reserve(more, deadline):
                         raise TooManyRequests(
                             "the server is busy with other large requests; retry later")
-                    held += size
+                    held += more
             return message
 
         try:

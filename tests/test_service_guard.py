@@ -196,9 +196,10 @@ def test_json_depth_skips_strings(text: str, deepest: int) -> None:
     assert whole == pieces.deepest == deepest
 
 
-def _asgi_request(app, body: bytes, hold: asyncio.Event | None = None,
-                  chunk_delay_s: float = 0.0, chunks: int = 1):
-    """Run one request through ``app``; returns (status, body). The body arrives in ``chunks``."""
+def _asgi_request(app, body: bytes, chunk_delay_s: float = 0.0, chunks: int = 1,
+                  length: bool = True):
+    """Run one request through ``app``; returns (status, body). The body arrives in ``chunks``
+    (with a Content-Length header unless ``length`` is False)."""
     sent: list[dict] = []
     size = len(body)
     pieces = [body[i * size // chunks:(i + 1) * size // chunks] for i in range(chunks)]
@@ -214,7 +215,7 @@ def _asgi_request(app, body: bytes, hold: asyncio.Event | None = None,
         sent.append(message)
 
     scope = {"type": "http", "path": "/predict", "method": "POST",
-             "headers": [(b"content-length", str(size).encode())]}
+             "headers": [(b"content-length", str(size).encode())] if length else []}
 
     async def run():
         await app(scope, receive, send)
@@ -239,7 +240,7 @@ def test_body_budget_waits_then_answers_429() -> None:
 
     async def scenario():
         budget = BodyBudgetMiddleware(app, routes=["/predict"], budget_bytes=1000,
-                                      body_timeout_s=0.3)
+                                      body_timeout_s=0.3, small_bytes=100)
         first = asyncio.create_task(_asgi_request(budget, b"a" * 700))
         await asyncio.sleep(0.05)
         assert budget.in_use == 700
@@ -249,9 +250,14 @@ def test_body_budget_waits_then_answers_429() -> None:
         await asyncio.sleep(0.05)
         assert budget.in_use == 900
         waiting = asyncio.create_task(_asgi_request(budget, b"d" * 700))
+        tiny = asyncio.create_task(_asgi_request(budget, b"e" * 100))  # not counted at all
+        chunked = asyncio.create_task(_asgi_request(budget, b"f" * 700, chunks=7, length=False))
         await asyncio.sleep(0.05)
-        release.set()  # the first ones finish, the waiting one gets its room
-        assert [await first, await small, await waiting] == [(200, b"ok")] * 3
+        # tiny took nothing; chunked: its first 100 bytes free, 100 more fitted, it waits
+        assert budget.in_use == 1000
+        release.set()  # the first ones finish, the waiting ones get their room
+        assert [await first, await small, await waiting, await tiny, await chunked] == [
+            (200, b"ok")] * 5
         assert budget.in_use == 0
 
     asyncio.run(scenario())
