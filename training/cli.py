@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch.distributed
+
+from models import list_sizes
+from training.checkpoint import load_checkpoint
 from training.config import (
     CUDA_BATCH_SIZE,
     DEFAULT_BUDGET_S,
@@ -30,6 +34,10 @@ from training.config import (
     parse_duration,
     parse_methods,
 )
+from training.data import DATASETS, DatasetUnavailableError, load_dataset
+from training.distributed import setup_distributed
+from training.loop import DivergenceError, train
+from training.sweep import comparison_markdown, write_comparison
 
 PROG = "python -m training"
 #: The defaults shown in ``--help``: :class:`TrainConfig`'s own (one place for every default).
@@ -57,9 +65,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import list_sizes
-    from training.data import DATASETS
-
     p = _Parser(prog=PROG, description="Train, evaluate, export and store 1-Lipschitz classifiers.")
     p.add_argument("--method", help="method, comma list, or 'all' (a sweep)")
     p.add_argument("--size", help=f"one of {', '.join(list_sizes())} (default {_DEFAULT['size']})")
@@ -194,8 +199,6 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     try:
         given = _overrides(args)
         if args.resume is not None:
-            from training.checkpoint import load_checkpoint
-
             if args.method is not None:
                 raise UsageError("--resume continues the checkpoint's method; drop --method")
             base = load_checkpoint(args.resume)["config"]
@@ -215,7 +218,7 @@ class _Progress:
     """A tqdm bar over the budget (seconds) or the steps, with loss, acc and img/s."""
 
     def __init__(self, cfg: TrainConfig, label: str) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only when a bar is shown
 
         budget = cfg.budget_s is not None
         self.budget = budget
@@ -292,24 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("training", "models", "certify"):
         logging.getLogger(name).setLevel(level)
 
-    from training.distributed import setup_distributed
-
     # One process group for all runs of a sweep (torchrun's store is not re-initialized per run).
     dist_ctx, _ = setup_distributed(configs[0].device)
     try:
         return _run(args, configs, main_rank=dist_ctx.main)
     finally:
         if dist_ctx.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
 def _run(args: argparse.Namespace, configs: list[TrainConfig], *, main_rank: bool) -> int:
     """Train every config in turn; print summaries and, for a sweep, the comparison table."""
-    from training.data import DatasetUnavailableError, load_dataset
-    from training.loop import DivergenceError, train
-
     try:
         data = load_dataset(configs[0].dataset, configs[0].data_dir)
     except DatasetUnavailableError as exc:
@@ -341,8 +337,6 @@ def _run(args: argparse.Namespace, configs: list[TrainConfig], *, main_rank: boo
             reports.append(result.report)
             print(_summary(result.report), flush=True)
     if main_rank and len(configs) > 1:
-        from training.sweep import comparison_markdown, write_comparison
-
         cfg = configs[0]
         stem = (
             Path(cfg.out) / cfg.dataset / f"comparison-{cfg.size}-{time.strftime('%Y%m%d-%H%M%S')}"

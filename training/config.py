@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from certify.radius import STANDARD_EPS
+from models import list_methods, list_sizes
+from models.network import check_options
+from models.registry import check_layer_options, check_name
 from training.data import DATASETS
 
 
@@ -130,8 +133,6 @@ def parse_methods(text: str) -> list[str]:
     Raises:
         ValueError: an unknown name, naming the allowed ones.
     """
-    from models import list_methods
-
     allowed = list_methods()
     if text.strip().lower() == "all":
         return allowed
@@ -220,10 +221,6 @@ class TrainConfig:
     layer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from models import list_methods, list_sizes
-        from models.network import check_options
-        from models.registry import check_layer_options, check_name
-
         check_name("method", self.method, list_methods())
         check_name("size", self.size, list_sizes())
         check_name("dataset", self.dataset, DATASETS)

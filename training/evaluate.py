@@ -17,6 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from certify.audit import audit
+from certify.curvature import curvature_certified_accuracy
+from certify.radius import certified_accuracy
+from models.export import to_plain
 from training.config import TrainConfig
 from training.data import Dataset
 from training.publish import evaluate_onnx, export_run, record_accuracy
@@ -45,9 +49,6 @@ def evaluate_torch(
         ``{"clean_accuracy", "certified_accuracy": {eps_key: fraction}, "lipschitz_bound",
         "lipschitz_bound_body", "lipschitz_bound_head", "lipschitz_lower", "certificate"}``.
     """
-    from certify import audit, certified_accuracy
-    from models.export import to_plain
-
     plain = to_plain(copy.deepcopy(model).cpu())
     result = audit(plain, data.input_shape, lower=full)
     kwargs = result.certificate_kwargs()
@@ -122,9 +123,6 @@ def curvature_accuracy(
     model: nn.Module, data: Dataset, cfg: TrainConfig, body_bound: float
 ) -> dict[str, float]:
     """The CRC-Lip head's curvature certificate (needs the features: python only, not served)."""
-    from certify.curvature import curvature_certified_accuracy
-    from models.export import to_plain
-
     return curvature_certified_accuracy(
         to_plain(copy.deepcopy(model).cpu()), data.test_images, data.test_labels,
         cfg.eval_eps, body_bound=body_bound,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models import create_model
 from training.batches import TrainBatches
 from training.checkpoint import LoopState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -226,8 +227,6 @@ def _model_and_optimizer(
     cfg: TrainConfig, data: Dataset, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The network and SGD. Same seed on every rank; DDP also broadcasts rank 0's weights."""
-    from models import create_model
-
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its kernels once
     torch.manual_seed(cfg.seed)
