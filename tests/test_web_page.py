@@ -13,6 +13,7 @@ and checks that what the page shows equals the ``/predict`` JSON for the same fi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -325,6 +326,31 @@ def test_e2e_page_in_chromium_shows_the_predict_answer(
             f"{expected['certified_radius_uploaded']:.4f}"
         assert card.locator(".bound").inner_text().startswith(
             f"{expected['lipschitz_bound']:.4f}")
+
+        # a file dropped on the page, as a user drags one there
+        seven = EXAMPLES / "digit-7.png"
+        dropped = page.evaluate_handle(
+            "([b64, name]) => { const dt = new DataTransfer(); dt.items.add(new File("
+            "[Uint8Array.from(atob(b64), c => c.charCodeAt(0))], name, {type: 'image/png'}));"
+            " return dt; }", [base64.b64encode(seven.read_bytes()).decode(), seven.name])
+        page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+        page.wait_for_function(
+            "document.querySelector('#preview-caption').textContent.startsWith('digit-7.png')"
+            f" && document.querySelector(\".result[data-model='{AOL}'] .radius\")")
+        want = _predict_json(url, seven)
+        assert card.locator(".label").inner_text() == want["class_name"]
+        assert card.locator(".radius").inner_text() == f"{want['certified_radius']:.4f}"
+
+        # a 28×28 example on this 8×8 model: a bilinear resize, so no radius in its pixels
+        page.locator(".example[data-file='shirt.png']").click()
+        card.locator(".radius-uploaded-none").wait_for(timeout=30_000)
+        want = _predict_json(url, EXAMPLES / "shirt.png")
+        assert want["certified_radius_uploaded"] is None
+        assert card.locator(".radius").inner_text() == f"{want['certified_radius']:.4f}"
+        page.set_input_files("#file", str(digit))
+        page.wait_for_function(
+            "document.querySelector('#preview-caption').textContent.startsWith('digit-3.png')"
+            f" && document.querySelector(\".result[data-model='{AOL}'] .radius-uploaded\")")
 
         # 2. the ε slider: certified iff radius > ε, on both sides of this radius
         k = int(expected["certified_radius"] * 255)

@@ -309,6 +309,7 @@
     $("file").addEventListener("change", (e) => {
       const file = e.target.files[0];
       if (file) setFile(file, file.name, "uploaded");
+      e.target.value = "";  // so that choosing the same file again is a change too
     });
     const drop = $("drop");
     drop.addEventListener("dragover", (e) => {
