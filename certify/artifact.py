@@ -205,8 +205,9 @@ def _save(proto: Any, path: Path, signing_key: str | bytes | None = None) -> Non
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     if key is not None:
+        signature = _signature(proto, key)  # over the file without any signature entry
         entry = proto.metadata_props.add()
-        entry.key, entry.value = SIGNATURE_KEY, _signature(proto, key)
+        entry.key, entry.value = SIGNATURE_KEY, signature
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(proto.SerializeToString())
     tmp.replace(path)
@@ -519,6 +520,10 @@ def _cross_check(meta: Mapping[str, Any], result: AuditResult, source: str) -> N
         raise _fail(source, "head_distances given but the graph has no head certificate")
 
 
+def _external_data(tensor: Any) -> bool:
+    return tensor.data_location == 1 or len(tensor.external_data) > 0  # 1: TensorProto.EXTERNAL
+
+
 def _twin_state(proto: Any, twin: nn.Module) -> dict[str, torch.Tensor]:
     from onnx import numpy_helper
 
@@ -537,7 +542,29 @@ def load_bytes(
     signing_key: str | bytes | None = None,
 ) -> Artifact:
     """:func:`load` on bytes already read (the session is built from these very bytes)."""
+    try:
+        return _load_bytes(data, source, providers, threads, max_bound, signing_key)
+    except ModelVerificationError:
+        raise
+    except Exception as exc:  # a file that trips the loader is refused, never half-served
+        logger.exception("%s: unexpected error while loading", source)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise _fail(source, f"cannot be proven ({reason})") from None
+
+
+def _load_bytes(
+    data: bytes,
+    source: str,
+    providers: Sequence[str] | None,
+    threads: int | None,
+    max_bound: float | None,
+    signing_key: str | bytes | None,
+) -> Artifact:
     proto = _parse(data, source)
+    external = [t.name for t in proto.graph.initializer if _external_data(t)]
+    if external:
+        raise _fail(source, f"initializer {external[0]!r} has external data; the file must be "
+                            "self-contained")
     meta = decode_metadata(proto)
     _check_schema(meta, source)
     key = _signing_key(signing_key)
