@@ -229,8 +229,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _serve(models_folder: Path, home: Path) -> Iterator[str]:
-    """``bentoml serve`` (the bentofile's service) on a loopback port; always stopped."""
+def _serve(models_folder: Path, home: Path, ready: bool = True) -> Iterator[str]:
+    """``bentoml serve`` (the bentofile's service) on a loopback port; always stopped.
+
+    Waits for ``/readyz`` to answer 200, or with ``ready=False`` to answer at all (a service
+    without a servable model stays unready).
+    """
     import httpx
 
     port = _free_port()
@@ -249,7 +253,7 @@ def _serve(models_folder: Path, home: Path) -> Iterator[str]:
                 if proc.poll() is not None:
                     raise RuntimeError(f"bentoml serve exited: {(home / 'serve.log').read_text()}")
                 try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 or not ready:
                         break
                 except httpx.TransportError:
                     pass
@@ -406,3 +410,24 @@ def test_e2e_page_in_chromium_shows_the_predict_answer(
         assert "415" in message.inner_text() and "not an image" in message.inner_text()
         page.close()
     assert not errors, errors
+
+
+@pytest.mark.e2e
+def test_e2e_page_without_a_servable_model_says_so(
+        browser, model_dir: Path, tmp_path: Path) -> None:
+    """Only a refused model: the page says why in words, never a blank page or a stack trace."""
+    only_refused = tmp_path / "models"
+    only_refused.mkdir()
+    shutil.copyfile(model_dir / "tampered.onnx", only_refused / "tampered.onnx")
+    home = tmp_path / "home"
+    home.mkdir()
+    with _serve(only_refused, home, ready=False) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert "serves no model" in page.locator("#messages").inner_text()
+        page.locator(".example[data-file='shirt.png']").click()
+        assert "No model is being served" in page.locator("#results").inner_text()
+        page.click("#nav-models")
+        assert "sha256" in page.locator("#refused").inner_text()
+        page.close()

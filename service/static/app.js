@@ -17,6 +17,7 @@
     results: [],         // [{pred, info, latency}] of the last run
     run: 0,              // increments per prediction run: stale answers are dropped
     loaded: false,       // /models answered (or failed): predictions wait for it
+    listed: false,       // /models answered
   };
 
   // ------------------------------------------------------------------ messages
@@ -250,8 +251,15 @@
 
   async function predict() {
     if (!state.file || !state.loaded) return;
+    if (state.listed && !state.models.length) {
+      $("results").replaceChildren(el("p", { class: "message error" },
+        "No model is being served, so nothing can predict. The Models view lists the refused " +
+        "ones and why; the server log has the details."));
+      $("results-empty").hidden = true;
+      return;
+    }
     const run = ++state.run;
-    // with no model listed, ask for the default anyway: the service's answer says why not
+    // /models failed: ask for the default model anyway, the service's answer says what is wrong
     const chosen = $("model").value === ALL ? state.models.map((m) => m.name)
       : [$("model").value || state.defaultModel || ""];
     const results = $("results");
@@ -483,7 +491,7 @@
 
   async function loadModels() {
     let body;
-    state.loaded = false;
+    state.loaded = state.listed = false;
     try {
       body = await api("models", {
         method: "POST", headers: { "content-type": "application/json" }, body: "{}",
@@ -497,7 +505,7 @@
     state.models = body.models;
     state.byName = Object.fromEntries(body.models.map((m) => [m.name, m]));
     state.defaultModel = body.default_model;
-    state.loaded = true;
+    state.loaded = state.listed = true;
     const select = $("model");
     if (!body.models.length) {
       select.replaceChildren(el("option", { value: "" }, "no model is served"));
