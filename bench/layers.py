@@ -24,8 +24,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from bench.complexity import count_flops, formula_costs, formula_table, layer_shapes
 from bench.machine import describe_machine
 from bench.onnx_io import export_onnx, ort_session
-from bench.tables import markdown_table, write_csv
+from bench.tables import markdown_table, result_doc, write_result
 from bench.timing import median, synchronize, time_call
 
 log = logging.getLogger(__name__)
@@ -283,18 +282,15 @@ def run_layers(cfg: LayersConfig) -> dict[str, Any]:
             log.info("bench layers: %s-%s", method, size)
             rows.append(bench_one(cfg, method, size))
     add_ratios(rows)
-    doc = dict(
-        benchmark="layers",
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    doc = result_doc(
+        "layers",
+        cfg,
+        describe_machine(cfg.device),
         command=" ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else None,
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        machine=describe_machine(cfg.device),
         formulas=formula_table(),
         results=rows,
     )
-    (cfg.out / "layers.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    write_csv(rows, cfg.out / "layers.csv")
-    (cfg.out / "layers.md").write_text(layers_markdown(doc), encoding="utf-8")
+    write_result(cfg.out, "layers", doc, rows, layers_markdown(doc))
     return doc
 
 

@@ -7,17 +7,15 @@ levels (default 1, 8, 32, 64), each POSTing the same ``/predict_tensor`` request
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.tables import markdown_table, write_csv
+from bench.tables import markdown_table, result_doc, write_result
 from service.loadtest import check_loopback, percentiles, resolve_model, run_level, tensor_request
 
 log = logging.getLogger(__name__)
@@ -114,17 +112,11 @@ def run_service_load(cfg: ServiceLoadConfig) -> dict[str, Any]:
             if ort["requests_per_s"]:
                 lev["http_over_ort_throughput"] = lev["requests_per_s"] / ort["requests_per_s"]
     cfg.out.mkdir(parents=True, exist_ok=True)
-    doc = dict(
-        benchmark="service",
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        machine=describe_machine("cpu"),
-        model=model, input_shape=list(shape), request_bytes=len(request.body), levels=levels,
-        ort=ort,
+    doc = result_doc(
+        "service", cfg, describe_machine("cpu"), model=model, input_shape=list(shape),
+        request_bytes=len(request.body), levels=levels, ort=ort,
     )
-    (cfg.out / "service.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    write_csv(levels, cfg.out / "service.csv")
-    (cfg.out / "service.md").write_text(service_markdown(doc), encoding="utf-8")
+    write_result(cfg.out, "service", doc, levels, service_markdown(doc))
     return doc
 
 

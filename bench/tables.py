@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +46,26 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     text = render_csv(columns, ([row.get(c, "") for c in columns] for row in rows))
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def result_doc(
+    benchmark: str, config: Any, machine: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """A bench result document: ``benchmark``, ``created``, the ``config`` dataclass (paths as
+    text), the ``machine``, then ``fields``."""
+    return dict(
+        benchmark=benchmark,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        machine=machine,
+        **fields,
+    )
+
+
+def write_result(
+    out: Path, name: str, doc: dict[str, Any], rows: Sequence[dict[str, Any]], markdown: str
+) -> None:
+    """Write ``<name>.json`` (the document), ``<name>.csv`` (``rows``) and ``<name>.md``."""
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    write_csv(rows, out / f"{name}.csv")
+    (out / f"{name}.md").write_text(markdown, encoding="utf-8")

@@ -4,8 +4,6 @@ FlopCounter."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from bench.complexity import formula_costs, layer_shapes
 from bench.layers import LayersConfig
 from bench.service_load import check_loopback
 from models import create_model
+from tests.http_stand_in import JSONHandler, serving
 
 TINY = ["--methods", "aol,standard", "--sizes", "xxs", "--input", "1x8x8", "--repeats", "2",
         "--batch", "4", "--infer-batches", "1,4"]
@@ -119,36 +118,25 @@ def test_report_without_training_reports_is_an_error(layers_out, tmp_path):
     assert main(["report", str(layers_out), "--out", str(tmp_path / "r")]) == 2
 
 
-class _StandIn(BaseHTTPRequestHandler):
+class _StandIn(JSONHandler):
     """Mimics the service's POST /models and /predict_tensor; model 'broken' answers 500."""
 
     session = None
 
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def _send(self, status: int, obj) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/models":
-            self._send(200, dict(default_model="tiny", models=[
+            self.send_json(200, dict(default_model="tiny", models=[
                 dict(name="tiny", input_shape=[1, 8, 8]),
                 dict(name="broken", input_shape=[1, 8, 8]),
             ]))
         elif self.path == "/predict_tensor" and body.get("model") == "tiny":
             x = np.asarray(body["images"], dtype=np.float32)
             logits = self.session.run(None, {"image": x})[0]
-            self._send(200, [dict(label=int(z.argmax()), scores=z.tolist(), inference_ms=0.1)
-                             for z in logits])
+            self.send_json(200, [dict(label=int(z.argmax()), scores=z.tolist(), inference_ms=0.1)
+                                 for z in logits])
         else:
-            self._send(500, dict(error="broken"))
+            self.send_json(500, dict(error="broken"))
 
 
 @pytest.fixture()
@@ -158,12 +146,8 @@ def stand_in(layers_out):
     handler = type(
         "Handler", (_StandIn,), {"session": ort_session(layers_out / "onnx" / "aol-xxs.onnx")}
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(handler) as url:
+        yield url
 
 
 def test_service_load_levels_and_http_overhead(stand_in, layers_out, tmp_path):

@@ -4,39 +4,29 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from email.parser import BytesParser
 from email.policy import default
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
 from service.loadtest import percentiles, run
+from tests.http_stand_in import JSONHandler, serving
 
 
-class _StandIn(BaseHTTPRequestHandler):
+class _StandIn(JSONHandler):
     """Answers /models, /predict (checks the multipart PNG upload) and /predict_tensor."""
-
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def _send(self, status: int, obj) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers["Content-Length"]))
         if self.path == "/models":
-            self._send(200, dict(default_model="m", models=[dict(name="m", input_shape=[1, 8, 8])]))
+            models = [dict(name="m", input_shape=[1, 8, 8])]
+            self.send_json(200, dict(default_model="m", models=models))
         elif self.path == "/predict_tensor":
             body = json.loads(raw)
             ok = body.get("model") == "m" and len(body["images"][0][0]) == 8
-            self._send(200 if ok else 400, [dict(label=0, inference_ms=0.2)] * len(body["images"]))
+            answer = [dict(label=0, inference_ms=0.2)] * len(body["images"])
+            self.send_json(200 if ok else 400, answer)
         elif self.path == "/predict":
             head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
             msg = BytesParser(policy=default).parsebytes(head + raw)
@@ -44,19 +34,15 @@ class _StandIn(BaseHTTPRequestHandler):
                      for p in msg.iter_parts()}
             image = Image.open(io.BytesIO(parts["image"].get_content()))
             ok = image.size == (8, 8) and parts["model"].get_content().strip() == "m"
-            self._send(200 if ok else 400, dict(label=1, inference_ms=0.3))
+            self.send_json(200 if ok else 400, dict(label=1, inference_ms=0.3))
         else:
-            self._send(404, dict(error="no route"))
+            self.send_json(404, dict(error="no route"))
 
 
 @pytest.fixture()
 def stand_in():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_StandIn) as url:
+        yield url
 
 
 def test_command_line_measurements_count_every_request(stand_in):
