@@ -16,8 +16,10 @@ page moves to ``/docs``.
 
 Configuration (environment): ``LIPCERT_MODELS`` (a folder of ONNX files instead of the model
 store), ``LIPCERT_MAX_UPLOAD_BYTES`` (8 MiB), ``LIPCERT_MAX_PIXELS`` (2²²),
-``LIPCERT_MAX_REQUEST_BYTES`` (32 MiB), ``LIPCERT_BOUND_TOLERANCE`` (0.01),
-``LIPCERT_PROVIDERS``, ``LIPCERT_ORT_THREADS``, ``LIPCERT_PROFILE_RUNS`` (see ``service.loader``).
+``LIPCERT_MAX_REQUEST_BYTES`` (32 MiB), ``LIPCERT_INFLIGHT_BYTES`` (64 MiB of large bodies in
+flight per worker) and ``LIPCERT_BODY_TIMEOUT_S`` (30 s to send a body; see
+``service.middleware``), ``LIPCERT_BOUND_TOLERANCE`` (0.01), ``LIPCERT_PROVIDERS``,
+``LIPCERT_ORT_THREADS``, ``LIPCERT_PROFILE_RUNS`` (see ``service.loader``).
 """
 
 from __future__ import annotations
