@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, MutableMap
 from typing import Any
 from urllib.parse import unquote_plus
 
+import numpy as np
 from bentoml.exceptions import BentoMLException
 
 from service.errors import (
@@ -302,8 +303,18 @@ async def _answer(send: Send, status: int, message: str,
     await send(body)
 
 
+#: Every byte but the six that decide JSON nesting: brackets, braces, quote and backslash.
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'[]{}"\\')))
+_OPEN, _CLOSE = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
 class JSONDepth:
-    """The deepest ``[``/``{`` nesting of JSON text fed in pieces (strings skipped)."""
+    """The deepest ``[``/``{`` nesting of JSON text fed in pieces (strings skipped).
+
+    A piece without quotes or backslashes, outside a string, is summed with numpy over its
+    brackets and braces alone (UTF-8 multi-byte sequences never contain them); others are read
+    character by character.
+    """
 
     def __init__(self) -> None:
         self.depth = 0
@@ -313,8 +324,22 @@ class JSONDepth:
 
     def feed(self, data: bytes | str) -> int:
         """Scan more text; returns the deepest nesting so far."""
-        text = data.decode("latin-1") if isinstance(data, bytes) else data
-        for ch in text:
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+        kept = b"" if self._in_string else raw.translate(None, _NOT_STRUCTURE)
+        if not self._in_string and b'"' not in kept and b"\\" not in kept:
+            if not kept:
+                return self.deepest
+            codes = np.frombuffer(kept, np.uint8)
+            steps = np.isin(codes, _OPEN).astype(np.int64) - np.isin(codes, _CLOSE)
+            walk = self.depth + np.cumsum(steps)
+            # the level clamped at 0 at every step, as the loop below: walk - min(0, its minimum)
+            levels = walk - np.minimum.accumulate(np.minimum(walk, 0))
+            self.deepest = max(self.deepest, int(levels.max()))
+            self.depth = int(levels[-1])
+            return self.deepest
+        # an escape applies to the next byte, which may be one the translation dropped: the loop
+        # reads the whole text
+        for ch in raw.decode("latin-1"):
             if self._in_string:
                 if self._escaped:
                     self._escaped = False
@@ -515,7 +540,8 @@ class FormGuardMiddleware:
     On each route in ``file_fields`` (path → the names of its file fields):
 
     - the content type must be JSON (or absent), multipart/form-data or urlencoded, else 415;
-      a form's charset parameter must be UTF-8, ASCII or Latin-1 (else 415);
+      a form's charset parameter must be UTF-8, ASCII or Latin-1, and the body must not be
+      compressed (Content-Encoding), else 415;
     - multipart/form-data needs a boundary of 1 to 70 characters (RFC 2046), else 400;
     - a multipart body must be well framed up to its closing boundary; each part needs a
       Content-Disposition name; file fields must be file parts (BentoML would fetch a text
@@ -580,11 +606,16 @@ class FormGuardMiddleware:
         if fields is None:
             await self.app(scope, receive, send)
             return
-        content_type = ""
+        content_type = encoding = ""
         for key, value in scope.get("headers", []):
             if key.lower() == b"content-type":
                 content_type = value.decode("latin-1")
+            elif key.lower() == b"content-encoding":
+                encoding = value.decode("latin-1").strip().lower()
         try:
+            if encoding not in ("", "identity"):  # BentoML would parse the compressed bytes
+                raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; "
+                                           "send the body uncompressed")
             checker = self._checker(content_type, fields)
         except BentoMLException as exc:
             await _answer(send, int(exc.error_code), str(exc))

@@ -132,6 +132,16 @@ def test_file_fields_take_only_uploads(client, route: str, content_type: str, bo
     _assert_one_line_4xx(r, status)
 
 
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_compressed_bodies_are_refused(client, route: str) -> None:
+    import gzip
+
+    r = client.post(route, content=gzip.compress(b'{"images": [[[[0.5]]]]}'),
+                    headers={"content-type": "application/json", "content-encoding": "gzip"})
+    _assert_one_line_4xx(r, 415)
+    assert "content encoding 'gzip'" in r.json()["error"]
+
 def test_streamed_chunks_are_checked_as_one_body(client) -> None:
     """A malformed part split over many small chunks is still found (chunked upload)."""
     body = _multipart(_field("eps", b"0"), _field("image", b"{}"))
@@ -195,6 +205,40 @@ def test_json_depth_skips_strings(text: str, deepest: int) -> None:
         pieces.feed(ch)
     assert whole == pieces.deepest == deepest
 
+
+
+def _reference_depth(text: str) -> int:
+    """JSON nesting depth, one character at a time, clamped at 0 (the obvious way)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def test_json_depth_equals_the_reference_under_any_chunking() -> None:
+    """The numpy fast path and the character loop agree with the reference, chunk by chunk."""
+    import random
+
+    from service.middleware import JSONDepth
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice('[]{}"\\ab') for _ in range(rng.randint(0, 40)))
+        chunked, start = JSONDepth(), 0
+        while start < len(text):
+            step = rng.randint(1, 6)
+            chunked.feed(text[start:start + step])
+            start += step
+        assert JSONDepth().feed(text) == chunked.deepest == _reference_depth(text), text
 
 def _asgi_request(app, body: bytes, chunk_delay_s: float = 0.0, chunks: int = 1,
                   length: bool = True):
