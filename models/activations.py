@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.blocks import MaxMin
+from models.blocks import ChannelPairs, MaxMin, match_rank, pair_buffer
 from models.registry import check_name
 
 
@@ -38,15 +38,13 @@ def _householder(x: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.T
 
     ``vx, vy``: ``(1, c/2, 1, 1)``, reshaped for inputs of another rank.
     """
-    if x.ndim != vx.ndim:
-        # (1, c/2, 1, 1) against a (B, C) or (B, C, L) input would broadcast into a wrong shape.
-        vx, vy = (t.reshape(1, -1, *([1] * (x.ndim - 2))) for t in (vx, vy))
+    vx, vy = match_rank(x, vx, vy)
     a, b = x.chunk(2, dim=1)
     s = torch.relu(-(a * vx + b * vy))  # (B, c/2, H, W): how far behind the mirror
     return torch.cat([a + 2 * vx * s, b + 2 * vy * s], dim=1)
 
 
-class HouseholderActivation(nn.Module):
+class HouseholderActivation(ChannelPairs):
     """Order-1 Householder activation with one learnable angle per channel pair.
 
     Args:
@@ -58,13 +56,7 @@ class HouseholderActivation(nn.Module):
     """
 
     def __init__(self, channels: int, theta: float = math.pi / 2) -> None:
-        super().__init__()
-        if not isinstance(channels, int) or channels < 2 or channels % 2:
-            raise ValueError(
-                f"HouseholderActivation needs an even channel count >= 2, got {channels!r}"
-            )
-        self.channels = channels
-        self.theta = nn.Parameter(torch.full((1, channels // 2, 1, 1), float(theta)))
+        super().__init__(channels, theta)
 
     def mirror(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The unit normal ``v = (sin(θ/2), −cos(θ/2))`` as two ``(1, c/2, 1, 1)`` tensors."""
@@ -72,10 +64,7 @@ class HouseholderActivation(nn.Module):
         return torch.sin(half), -torch.cos(half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C, ...)
-        if x.ndim < 2 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"expected a (B, {self.channels}, ...) input, got shape {tuple(x.shape)}"
-            )
+        self.check_input(x)
         vx, vy = self.mirror()
         return _householder(x, vx, vy)
 
@@ -84,17 +73,14 @@ class HouseholderActivation(nn.Module):
         vx, vy = (t.double() for t in self.mirror())
         return PlainHouseholder(vx, vy)
 
-    def extra_repr(self) -> str:
-        return f"{self.channels}"
-
 
 class PlainHouseholder(nn.Module):
     """Inference form of :class:`HouseholderActivation`: the mirror normals as float32 buffers."""
 
     def __init__(self, vx: torch.Tensor, vy: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("vx", vx.detach().float().reshape(1, -1, 1, 1).clone())
-        self.register_buffer("vy", vy.detach().float().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("vx", pair_buffer(vx))
+        self.register_buffer("vy", pair_buffer(vy))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C, ...)
         return _householder(x, self.vx, self.vy)

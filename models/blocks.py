@@ -9,6 +9,9 @@
   bound is in units of the [0, 1]-scaled input pixels.
 - :class:`ZeroPad` pads spatially with zeros (an isometry), used to bring 28x28 to 32x32.
 - ``nn.PixelUnshuffle`` (torch's own) is a permutation of the entries: an isometry.
+
+And the common part of the layers with a learnable angle per channel pair (the HH activation and
+the distance pool): :class:`ChannelPairs`, :func:`pair_buffer`, :func:`match_rank`.
 """
 
 from __future__ import annotations
@@ -93,3 +96,50 @@ class ZeroPad(nn.Module):
 
 class Flatten(nn.Flatten):
     """``(B, C, 1, 1) -> (B, C)``."""
+
+
+class ChannelPairs(nn.Module):
+    """Base of the layers acting on channel pairs ``(j, j + c/2)`` with one learnable angle each
+    (:class:`models.activations.HouseholderActivation`, :class:`models.pooling.DistancePool`).
+
+    Args:
+        channels: even number of input channels (>= 2).
+        theta: initial angle of every pair.
+
+    Raises:
+        ValueError: odd, non-positive or non-int ``channels``.
+    """
+
+    def __init__(self, channels: int, theta: float) -> None:
+        super().__init__()
+        if not isinstance(channels, int) or channels < 2 or channels % 2:
+            raise ValueError(
+                f"{type(self).__name__} needs an even channel count >= 2, got {channels!r}"
+            )
+        self.channels = channels
+        self.theta = nn.Parameter(torch.full((1, channels // 2, 1, 1), float(theta)))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``(B, channels, ...)``."""
+        if x.ndim < 2 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"expected a (B, {self.channels}, ...) input, got shape {tuple(x.shape)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}"
+
+
+def pair_buffer(values: torch.Tensor) -> torch.Tensor:
+    """Per-pair values as a float32 ``(1, c/2, 1, 1)`` copy (a plain module's buffer)."""
+    return values.detach().float().reshape(1, -1, 1, 1).clone()
+
+
+def match_rank(x: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-pair ``(1, c/2, 1, 1)`` parameters reshaped for ``x`` of any rank ``(B, C, ...)``.
+
+    Against a ``(B, C)`` or ``(B, C, L)`` input they would otherwise broadcast into a wrong shape.
+    """
+    if x.ndim == params[0].ndim:
+        return params
+    return tuple(t.reshape(1, -1, *([1] * (x.ndim - 2))) for t in params)

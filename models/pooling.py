@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from models.blocks import ChannelPairs, match_rank, pair_buffer
 from models.registry import check_name
 
 
@@ -41,9 +42,7 @@ def _safe_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) -> torch.Tensor:
-    if z.ndim != cos_a.ndim:
-        # (1, c/2, 1, 1) against a (B, C) or (B, C, L) input would broadcast into a wrong shape.
-        cos_a, sin_a = (t.reshape(1, -1, *([1] * (z.ndim - 2))) for t in (cos_a, sin_a))
+    cos_a, sin_a = match_rank(z, cos_a, sin_a)
     x, y = z.chunk(2, dim=1)  # (B, c/2, ...)
     t1 = x * cos_a + y * sin_a
     t2 = x * cos_a - y * sin_a
@@ -60,7 +59,7 @@ def _cone_distance(z: torch.Tensor, cos_a: torch.Tensor, sin_a: torch.Tensor) ->
     return torch.where(apex, _safe_norm(x, y) * scale, edge)
 
 
-class DistancePool(nn.Module):
+class DistancePool(ChannelPairs):
     """Signed distance of each channel pair to a learnable cone: ``c`` → ``c/2`` channels.
 
     Args:
@@ -72,22 +71,15 @@ class DistancePool(nn.Module):
     """
 
     def __init__(self, channels: int, theta: float = math.pi / 2) -> None:
-        super().__init__()
-        if not isinstance(channels, int) or channels < 2 or channels % 2:
-            raise ValueError(f"DistancePool needs an even channel count >= 2, got {channels!r}")
+        super().__init__(channels, theta)
         if not 0 <= theta <= math.pi:
             raise ValueError(f"theta must be in [0, pi], got {theta!r}")
-        self.channels = channels
-        self.theta = nn.Parameter(torch.full((1, channels // 2, 1, 1), float(theta)))
 
     def half_angle(self) -> torch.Tensor:
         return 0.5 * self.theta.clamp(0.0, math.pi)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C/2, ...)
-        if z.ndim < 2 or z.shape[1] != self.channels:
-            raise ValueError(
-                f"expected a (B, {self.channels}, ...) input, got shape {tuple(z.shape)}"
-            )
+        self.check_input(z)
         a = self.half_angle()
         return _cone_distance(z, torch.cos(a), torch.sin(a))
 
@@ -96,17 +88,14 @@ class DistancePool(nn.Module):
         a = self.half_angle().double()
         return PlainDistancePool(torch.cos(a), torch.sin(a))
 
-    def extra_repr(self) -> str:
-        return f"{self.channels}"
-
 
 class PlainDistancePool(nn.Module):
     """Inference form of :class:`DistancePool`: ``cos(θ/2)``, ``sin(θ/2)`` as float32 buffers."""
 
     def __init__(self, cos_a: torch.Tensor, sin_a: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("cos_a", cos_a.detach().float().reshape(1, -1, 1, 1).clone())
-        self.register_buffer("sin_a", sin_a.detach().float().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("cos_a", pair_buffer(cos_a))
+        self.register_buffer("sin_a", pair_buffer(sin_a))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, C, ...) -> (B, C/2, ...)
         return _cone_distance(z, self.cos_a, self.sin_a)
