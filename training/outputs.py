@@ -15,6 +15,9 @@ from training.checkpoint import LoopState
 from training.config import TrainConfig
 from training.evaluate import FinalEvaluation
 
+#: The config fields that say what a run trained, first in every report.
+WHAT_WAS_TRAINED = ("method", "size", "dataset", "variant", "head", "activation", "pool")
+
 
 def make_run_dir(cfg: TrainConfig) -> Path:
     """A new, empty run folder named after the config and the time."""
@@ -67,18 +70,12 @@ def build_report(
 
     Args:
         environment: ``peak_memory_bytes``, ``peak_memory_kind``, ``parameters``, ``device``,
-            ``world_size``, ``amp``.
+            ``world_size``, ``amp`` (in this order; copied as they are).
     """
     acc, meta, train_time = final.accuracy, final.bounds, state.elapsed_s
     epochs_done = state.step / steps_per_epoch
     return dict(
-        method=cfg.method,
-        size=cfg.size,
-        dataset=cfg.dataset,
-        variant=cfg.variant,
-        head=cfg.head,
-        activation=cfg.activation,
-        pool=cfg.pool,
+        **{name: getattr(cfg, name) for name in WHAT_WAS_TRAINED},
         classes=classes,
         run_dir=str(run_dir),
         clean_accuracy=acc["clean_accuracy"],
@@ -95,12 +92,7 @@ def build_report(
         steps_per_epoch=steps_per_epoch,
         time_per_epoch_s=train_time / epochs_done if epochs_done else None,
         images_per_s=state.images / train_time if train_time > 0 else None,
-        peak_memory_bytes=environment["peak_memory_bytes"],
-        peak_memory_kind=environment["peak_memory_kind"],
-        parameters=environment["parameters"],
-        device=environment["device"],
-        world_size=environment["world_size"],
-        amp=environment["amp"],
+        **environment,
         batch_size=cfg.batch_size,
         lr=cfg.peak_lr,
         weight_decay=cfg.wd,
