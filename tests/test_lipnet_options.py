@@ -26,7 +26,6 @@ from models.registry import create_model
 from tests.lipschitz_utils import feature_attack
 from training.data import load_dataset
 
-
 # -- whole networks ----------------------------------------------------------------------------
 COMBOS = [
     ("aol", "hh", "distance", "lln", 8),
