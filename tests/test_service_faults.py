@@ -54,11 +54,30 @@ def model_file() -> Path:
     return digits_model()
 
 
+#: The broken copies served beside the good model (see :func:`_bad_copies`).
+BAD_FILES = ("corrupted.onnx", "truncated.onnx", "deleted.onnx")
+
+
+def _bad_copies(model_file: Path, folder: Path) -> None:
+    """A corrupted (4 KiB overwritten mid-file), a truncated (60 %) and a deleted copy (a link
+    whose target is gone: the folder still lists it) of ``model_file`` in ``folder``."""
+    data = model_file.read_bytes()
+    middle = len(data) // 2
+    (folder / "corrupted.onnx").write_bytes(data[:middle] + b"\xff" * 4096 + data[middle + 4096:])
+    (folder / "truncated.onnx").write_bytes(data[: len(data) * 3 // 5])
+    gone = folder.parent / "gone.onnx"
+    gone.write_bytes(data)
+    (folder / "deleted.onnx").symlink_to(gone)
+    gone.unlink()
+
+
 @pytest.fixture(scope="module")
 def server(model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One worker serving ``good`` beside the three bad copies."""
     root = tmp_path_factory.mktemp("faults")
     (root / "models").mkdir()
-    shutil.copyfile(model_file, root / "models" / "aol-digits.onnx")
+    shutil.copyfile(model_file, root / "models" / "good.onnx")
+    _bad_copies(model_file, root / "models")
     with Server(root / "models", root / "home", env=LIMITS) as s:
         yield s
 
@@ -129,34 +148,21 @@ def _transport_errors(counts: dict[str, int]) -> int:
 # ----------------------------------------------------------------------------- model files
 
 
-def test_bad_model_files_are_refused_beside_a_good_one(model_file: Path, tmp_path: Path) -> None:
-    """Corrupted, truncated and deleted files are refused with a reason; the good one serves."""
+def test_bad_model_files_are_refused_beside_a_good_one(server: Server, model_file: Path,
+                                                       tmp_path: Path) -> None:
+    """Corrupted, truncated and deleted files are refused with a reason; the good one serves;
+    readiness is 200 with it and 503 with only bad files."""
     import httpx
 
-    models = tmp_path / "models"
-    models.mkdir()
-    data = model_file.read_bytes()
-    shutil.copyfile(model_file, models / "good.onnx")
-    middle = len(data) // 2
-    (models / "corrupted.onnx").write_bytes(data[:middle] + b"\xff" * 4096 + data[middle + 4096:])
-    (models / "truncated.onnx").write_bytes(data[: len(data) * 3 // 5])
-    gone = tmp_path / "gone.onnx"
-    gone.write_bytes(data)
-    (models / "deleted.onnx").symlink_to(gone)
-    gone.unlink()  # the folder still lists it: a dangling link
-    bad = {"corrupted.onnx", "truncated.onnx", "deleted.onnx"}
-
-    with Server(models, tmp_path / "home", env=LIMITS) as server:
-        assert httpx.get(f"{server.url}/readyz").status_code == 200
-        listed = httpx.post(f"{server.url}/models").json()
-        r = httpx.post(f"{server.url}/predict_tensor", content=_tensor_body(1),
-                       headers={"content-type": "application/json"})
-        not_served = httpx.post(f"{server.url}/predict_tensor",
-                                json={"images": json.loads(_tensor_body(1))["images"],
-                                      "model": "corrupted"})
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    listed = httpx.post(f"{server.url}/models").json()
+    image = json.loads(_tensor_body(1))["images"]
+    r = httpx.post(f"{server.url}/predict_tensor", json={"images": image})
+    not_served = httpx.post(f"{server.url}/predict_tensor",
+                            json={"images": image, "model": "corrupted"})
     assert [m["name"] for m in listed["models"]] == ["good"]
     reasons = {Path(r["source"]).name: r["reason"] for r in listed["refused"]}
-    assert set(reasons) == bad
+    assert set(reasons) == set(BAD_FILES)
     assert all(reason and "\n" not in reason for reason in reasons.values())
     assert r.status_code == 200 and r.json()[0]["model"] == "good"
     assert not_served.status_code == 404
@@ -164,13 +170,12 @@ def test_bad_model_files_are_refused_beside_a_good_one(model_file: Path, tmp_pat
 
     only_bad = tmp_path / "only-bad"
     only_bad.mkdir()
-    for name in ("corrupted.onnx", "truncated.onnx"):
-        shutil.copyfile(models / name, only_bad / name)
-    with Server(only_bad, tmp_path / "home-bad", env=LIMITS) as server:
-        ready = httpx.get(f"{server.url}/readyz")
-        refused = httpx.post(f"{server.url}/models").json()["refused"]
+    _bad_copies(model_file, only_bad)
+    with Server(only_bad, tmp_path / "home", env=LIMITS) as bad_server:
+        ready = httpx.get(f"{bad_server.url}/readyz")
+        refused = httpx.post(f"{bad_server.url}/models").json()["refused"]
     assert ready.status_code == 503 and "\n" not in ready.json()["error"]
-    assert {Path(r["source"]).name for r in refused} == {"corrupted.onnx", "truncated.onnx"}
+    assert {Path(r["source"]).name for r in refused} == set(BAD_FILES)
 
 
 # ----------------------------------------------------------------------------- processes
