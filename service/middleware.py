@@ -223,27 +223,32 @@ class BodyBudgetMiddleware:
         self.body_timeout_s = (body_timeout_s if body_timeout_s is not None
                                else _env_number("LIPCERT_BODY_TIMEOUT_S", 30.0))
         self.in_use = 0
-        self._room = asyncio.Condition()
+        self._freed = asyncio.Event()  # set (and replaced) whenever bytes are given back
 
     async def _reserve(self, n: int, deadline: float) -> bool:
-        """Take ``n`` bytes of the budget, waiting until ``deadline``; False if it passed."""
-        async with self._room:
-            while self.in_use > 0 and self.in_use + n > self.budget:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                try:
-                    await asyncio.wait_for(self._room.wait(), remaining)
-                except TimeoutError:
-                    return False
-            self.in_use += n  # a lone request may exceed the budget: it must not wait forever
-            return True
+        """Take ``n`` bytes of the budget, waiting until ``deadline``; False if it passed.
 
-    async def _release(self, n: int) -> None:
+        One event loop per worker: the check and the update below run without a suspension
+        between them, so no lock is needed.
+        """
+        while self.in_use > 0 and self.in_use + n > self.budget:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._freed.wait(), remaining)
+            except TimeoutError:
+                return False
+        self.in_use += n  # a lone request may exceed the budget: it must not wait forever
+        return True
+
+    def _release(self, n: int) -> None:
+        """Give ``n`` bytes back and wake the waiting requests (synchronous: a cancelled
+        request still gives back what it held)."""
         if n:
-            async with self._room:
-                self.in_use -= n
-                self._room.notify_all()
+            self.in_use -= n
+            self._freed.set()
+            self._freed = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") not in self.routes:
@@ -285,7 +290,7 @@ class BodyBudgetMiddleware:
         try:
             await self.app(scope, receive_wrapper, send)
         finally:
-            await self._release(held)
+            self._release(held)
 
 
 # --------------------------------------------------------------------------- form bodies

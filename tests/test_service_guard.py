@@ -307,6 +307,31 @@ def test_body_budget_waits_then_answers_429() -> None:
     asyncio.run(scenario())
 
 
+
+def test_a_cancelled_request_gives_its_budget_back() -> None:
+    """BentoML cancels a request at its 60 s timeout, and a client may go away."""
+    from service.middleware import BodyBudgetMiddleware
+
+    async def app(scope, receive, send):
+        await receive()
+        await asyncio.Event().wait()  # never answers
+
+    async def scenario():
+        budget = BodyBudgetMiddleware(app, routes=["/predict"], budget_bytes=1000,
+                                      body_timeout_s=5, small_bytes=0)
+        held = asyncio.create_task(_asgi_request(budget, b"a" * 800))
+        waiting = asyncio.create_task(_asgi_request(budget, b"b" * 800))
+        await asyncio.sleep(0.05)
+        assert budget.in_use == 800
+        held.cancel()
+        await asyncio.sleep(0.05)
+        assert budget.in_use == 800  # the waiting request got the room
+        waiting.cancel()
+        await asyncio.sleep(0.05)
+        assert budget.in_use == 0
+
+    asyncio.run(scenario())
+
 def test_body_deadline_raises_request_timeout() -> None:
     from service.errors import RequestTimeout
     from service.middleware import BodyBudgetMiddleware
