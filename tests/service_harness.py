@@ -56,11 +56,7 @@ def digits_model() -> Path:
     import torch
 
     import models
-
-    try:  # the audited ONNX file lives in certify.artifact (DESIGN); models.export before
-        from certify.artifact import to_onnx
-    except ImportError:
-        from models.export import to_onnx
+    from certify.artifact import to_onnx
 
     root = Path(tempfile.mkdtemp(prefix="lipcert-harness-"))
     atexit.register(shutil.rmtree, root, True)
