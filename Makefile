@@ -40,7 +40,7 @@ test: install browser
 
 # Train the default model once, only when the BentoML store holds no lipcert model yet.
 default-model: install
-	@if $(BIN)/python -c "import sys; from training.store import list_store_models; sys.exit(0 if list_store_models() else 1)"; then \
+	@if $(BIN)/python -c "import sys; from certify.artifact.store import list_models_here; sys.exit(0 if list_models_here() else 1)"; then \
 	  echo "lipcert models in the store: serving them"; \
 	else \
 	  echo "no lipcert model in the store: training the default ($(DEFAULT_TRAIN))"; \

@@ -199,15 +199,9 @@ def _read_report(path: Path) -> dict[str, Any]:
 
 def discover_store() -> list[ModelSource]:
     """Every model labelled ``lipcert=1`` in the BentoML model store (named by its tag)."""
-    import bentoml
+    from certify.artifact.store import list_models_here
 
-    sources = []
-    for model in bentoml.models.list():
-        if model.info.labels.get("lipcert") != "1":
-            continue
-        sources.append(ModelSource(str(model.tag), Path(model.path_of("model.onnx")),
-                                   tag=str(model.tag), report=dict(model.info.metadata)))
-    return sorted(sources, key=lambda s: s.name)
+    return [ModelSource(m.tag, m.path, tag=m.tag, report=m.metadata) for m in list_models_here()]
 
 
 # --------------------------------------------------------------------------- metadata

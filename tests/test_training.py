@@ -13,10 +13,10 @@ import pytest
 import models
 from certify import certified_accuracy
 from certify.artifact import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, verify
+from certify.artifact.store import model_name
 from training import TrainConfig, list_store_models, load_dataset, train
 from training.cli import main
 from training.config import EVAL_EPS, method_defaults
-from training.store import model_name
 
 BUDGET_S = 1.0
 REPO = Path(__file__).resolve().parents[1]

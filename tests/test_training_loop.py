@@ -186,8 +186,9 @@ def test_offset_cross_entropy_matches_its_formula():
 
 
 def test_durations_and_store_metadata(tmp_path):
+    from certify.artifact.store import plain_metadata as _plain
+    from certify.artifact.store import save_to_store
     from training.config import parse_duration
-    from training.store import _plain, save_to_store
 
     assert parse_duration("1.5h") == 5400 and parse_duration("90s") == 90
     assert parse_duration(" 2m ") == 120

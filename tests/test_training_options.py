@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from certify.artifact import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, verify
 from certify.attack import attack_check
 from certify.radius import certified_accuracy
-from certify.artifact import INPUT_NAME, OUTPUT_NAME, certificate_kwargs, verify
 from training import TrainConfig, load_dataset, train
 from training.cli import main
 from training.config import EVAL_EPS

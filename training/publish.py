@@ -76,6 +76,6 @@ def record_accuracy(path: Path, accuracy: dict[str, Any]) -> None:
 
 def store_run(onnx_path: Path, report: dict[str, Any]) -> str:
     """Save the file to the BentoML model store, labelled from ``report``; returns the tag."""
-    from training.store import save_to_store  # bentoml takes seconds to import: only to store
+    from certify.artifact.store import save_to_store
 
     return save_to_store(onnx_path, report)
