@@ -60,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from certify.attack import attack_check
     from certify.audit import audit
     from certify.radius import STANDARD_EPS, certified_accuracy, eps_key
-    from training.data import load_dataset
+    from data import load_dataset
 
     path = Path(args.model)
     artifact = load(path, threads=args.threads)

@@ -1,10 +1,10 @@
 """Regenerate the shipped example images (``python examples/make_examples.py``, repository root).
 
 - Fashion-MNIST: the first *test* image of a few classes, read with torchvision's loader through
-  ``training.data.load_dataset`` (Debian's ``dataset-fashion-mnist`` here), saved as 28×28 gray
+  ``data.load_dataset`` (Debian's ``dataset-fashion-mnist`` here), saved as 28×28 gray
   PNG.
 - digits: two 8×8 images of scikit-learn's ``load_digits`` that lie in lipcert's digits *test*
-  split (``training.data``) and in the last 297 images that ``tests/test_service.py`` holds out.
+  split (``data``) and in the last 297 images that ``tests/test_service.py`` holds out.
 - a photo: scikit-learn's ``flower.jpg`` (CC BY 2.0), centre-cropped and resized to 112×112 RGB,
   so its size and colours differ from every training set (112 = 4 × 28 = 14 × 8: the service
   maps it to a model's input by channel averaging and exact area downsampling, so the radius in
@@ -31,7 +31,7 @@ PHOTO_SIZE = 112
 
 
 def _fashion() -> list[dict]:
-    from training.data import load_dataset
+    from data import load_dataset
 
     data = load_dataset("fashion-mnist", download=False)
     labels = data.test_labels.numpy()
@@ -51,7 +51,7 @@ def _digits() -> list[dict]:
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    # the split training.data makes, applied to the indices
+    # the split data.load_dataset makes, applied to the indices
     _, test_idx = train_test_split(np.arange(len(bunch.target)), test_size=0.2,
                                    stratify=bunch.target, random_state=0)
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from certify.attack import attack_check
 from certify.artifact import to_onnx
+from certify.attack import attack_check
+from data import load_dataset
 from models.registry import create_model
-from training.data import load_dataset
 
 
 def train_digits_model(steps: int = 100) -> tuple[torch.nn.Module, object]:

@@ -13,8 +13,8 @@ import pytest
 from test_attack import train_digits_model
 
 from certify.__main__ import main
-from certify.radius import certified_accuracy
 from certify.artifact import certificate_kwargs, load_onnx, to_onnx
+from certify.radius import certified_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from certify.artifact import certificate_kwargs, load_twin, to_onnx, verify
 from certify.attack import attack_check
 from certify.curvature import curvature_bounds, curvature_certified_accuracy, curvature_radius
 from certify.radius import certified_radius
-from certify.artifact import certificate_kwargs, load_twin, to_onnx, verify
+from data import load_dataset
 from models.heads import CRC_BETA, CRCHead, PlainCRCHead
 from models.registry import create_model
 from tests.lipschitz_utils import feature_attack
-from training.data import load_dataset
 from training.loss import offset_cross_entropy
 
 

@@ -1,4 +1,4 @@
-"""training.data: every loader reads small files written in the dataset's real on-disk format."""
+"""data: every loader reads small files written in the dataset's real on-disk format."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import (
+from data import (
     AUGMENTATIONS,
     AugmentSpec,
     DatasetUnavailableError,

@@ -17,6 +17,7 @@ from certify.artifact import certificate_kwargs, load_onnx, load_twin, to_onnx, 
 from certify.attack import attack_check
 from certify.audit import audit
 from certify.radius import certified_radius, head_row_distances
+from data import load_dataset
 from models.activations import HouseholderActivation
 from models.export import to_plain
 from models.heads import PlainLLNHead
@@ -24,7 +25,6 @@ from models.network import LipNet
 from models.pooling import DistancePool
 from models.registry import create_model
 from tests.lipschitz_utils import feature_attack
-from training.data import load_dataset
 
 # -- whole networks ----------------------------------------------------------------------------
 COMBOS = [

@@ -181,7 +181,7 @@ def test_examples_are_what_index_json_says() -> None:
             assert index >= 1500  # held out by the tests that train on digits
             checked += 1
         elif item["dataset"] == "fashion-mnist" and fmnist.is_dir():
-            from training.data import FASHION_MNIST_CLASSES
+            from data import FASHION_MNIST_CLASSES
 
             images = _idx(fmnist / "t10k-images-idx3-ubyte.gz")
             labels = _idx(fmnist / "t10k-labels-idx1-ubyte.gz")

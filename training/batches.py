@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from data import AUGMENTATIONS, Dataset, augment
 from training.config import TrainConfig
-from training.data import AUGMENTATIONS, Dataset, augment
 from training.distributed import Dist
 
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import torch.distributed
 
+from data import DATASETS, DatasetUnavailableError, load_dataset
 from models import list_sizes
 from training.checkpoint import load_checkpoint
 from training.config import (
@@ -34,7 +35,6 @@ from training.config import (
     parse_duration,
     parse_methods,
 )
-from training.data import DATASETS, DatasetUnavailableError, load_dataset
 from training.distributed import setup_distributed
 from training.loop import DivergenceError, train
 from training.sweep import comparison_markdown, write_comparison

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from certify.radius import STANDARD_EPS
+from data import DATASETS
 from models import list_methods, list_sizes
 from models.network import check_options
 from models.registry import check_layer_options, check_name
-from training.data import DATASETS
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class TrainConfig:
 
     Attributes:
         method, size, dataset: what to train (``models.list_methods()``, ``models.list_sizes()``,
-            :data:`training.data.DATASETS`).
+            :data:`data.DATASETS`).
         budget_s: wall-clock training budget in seconds (evaluation not charged); the one-cycle
             schedule is a function of the elapsed fraction of it. Exclusive with ``epochs``.
         epochs: train for a number of epochs instead (schedule over the step count).
@@ -173,7 +173,7 @@ class TrainConfig:
         guard_every: check loss and weights for NaN/Inf every this many steps.
         max_nan_restarts: give up after this many divergences.
         out: parent folder of the runs.
-        data_dir: dataset folder (see :func:`training.data.load_dataset`).
+        data_dir: dataset folder (see :func:`data.load_dataset`).
         store: save the model to the BentoML model store.
         export: write ``model.onnx`` and evaluate it in ONNX Runtime; off (quick searches): the
             final evaluation runs the audited plain network in torch and nothing is stored.

@@ -20,9 +20,9 @@ from torch import nn
 from certify.audit import audit
 from certify.curvature import curvature_certified_accuracy
 from certify.radius import certified_accuracy
+from data import Dataset
 from models.export import to_plain
 from training.config import TrainConfig
-from training.data import Dataset
 from training.publish import evaluate_onnx, export_run, record_accuracy
 
 

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from data import Dataset, load_dataset
 from models import create_model
 from training.batches import TrainBatches
 from training.checkpoint import LoopState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.data import Dataset, load_dataset
 from training.distributed import Dist, setup_distributed
 from training.evaluate import curvature_accuracy, evaluate_torch, final_evaluation
 from training.guard import NanGuard

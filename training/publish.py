@@ -13,8 +13,8 @@ from torch import nn
 
 from certify.artifact import certificate_kwargs, load, to_onnx, update_metadata
 from certify.radius import certified_accuracy
+from data import Dataset
 from training.config import TrainConfig
-from training.data import Dataset
 
 
 def export_run(
