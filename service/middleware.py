@@ -19,6 +19,8 @@ overflows ``json.loads``; a form field sent as a file is decoded with ``json.loa
 - :class:`FormGuardMiddleware` accepts only the content types the service reads and checks a
   form body's framing and fields *while it streams* (nothing buffered beyond one text field),
   answering 400/413/415 before BentoML's parser could fail.
+- :class:`OpenAPIErrorsMiddleware` adds these statuses (and 422, 503) to the OpenAPI document
+  BentoML serves, which lists only 200, 400, 404 and 500.
 
 Errors found before the app runs are answered directly; errors found while the body streams are
 raised from ``receive`` as BentoML exceptions, which BentoML's API wrapper answers with their
@@ -641,3 +643,85 @@ class FormGuardMiddleware:
             return message
 
         await self.app(scope, receive_wrapper, send)
+
+
+# --------------------------------------------------------------------------- OpenAPI document
+
+#: What the API routes answer besides the 200/400/404/500 BentoML documents by itself.
+ERROR_STATUSES: dict[int, str] = {
+    408: "Request Timeout: the body did not arrive in time",
+    413: "Payload Too Large: the body, an upload, a text field or an image is over its limit",
+    415: "Unsupported Media Type: the content type, charset or encoding, or the upload's format",
+    422: "Unprocessable Entity: a well-formed value the model cannot take (shape, range, eps)",
+    429: "Too Many Requests: the worker's budget for large bodies stayed full; retry later",
+    503: "Service Unavailable: no model is served",
+}
+ERROR_SCHEMA = "LipcertError"
+
+
+def document_errors(spec: dict[str, Any], routes: Collection[str]) -> dict[str, Any]:
+    """Add :data:`ERROR_STATUSES` (one ``{"error": "<one line>"}`` schema) to the operations of
+    ``routes`` in an OpenAPI document; statuses already documented are kept."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas[ERROR_SCHEMA] = {
+        "type": "object", "title": ERROR_SCHEMA, "required": ["error"],
+        "properties": {"error": {"type": "string", "description": "one line"}},
+    }
+    ref = {"$ref": f"#/components/schemas/{ERROR_SCHEMA}"}
+    for route in routes:
+        for operation in spec.get("paths", {}).get(route, {}).values():
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.setdefault("responses", {})
+            for status, description in ERROR_STATUSES.items():
+                responses.setdefault(str(status), {
+                    "description": description, "content": {"application/json": {"schema": ref}},
+                })
+    return spec
+
+
+class OpenAPIErrorsMiddleware:
+    """Documents the API routes' other error statuses in the OpenAPI document (``/docs.json``).
+
+    BentoML 1.4 lists only 200, 400, 404 and 500; this rewrites the document it serves with
+    :func:`document_errors`, so clients and schemathesis see every status the routes answer.
+
+    Args:
+        app: the wrapped ASGI app.
+        routes: the API routes.
+        path: where BentoML serves the document.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Collection[str] = (),
+                 path: str = "/docs.json") -> None:
+        self.app = app
+        self.routes = tuple(routes)
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.path:
+            await self.app(scope, receive, send)
+            return
+        held: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held["start"] = message
+                return
+            if message["type"] != "http.response.body" or "start" not in held:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            start, body = held["start"], b"".join(chunks)
+            if start["status"] == 200:
+                body = json.dumps(document_errors(json.loads(body), self.routes)).encode()
+            start["headers"] = [(k, v) for k, v in start.get("headers", [])
+                                if k.lower() != b"content-length"]
+            start["headers"].append((b"content-length", str(len(body)).encode()))
+            await send(start)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        await self.app(scope, receive, send_wrapper)

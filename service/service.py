@@ -52,6 +52,7 @@ from service.middleware import (
     BodyBudgetMiddleware,
     ErrorShapeMiddleware,
     FormGuardMiddleware,
+    OpenAPIErrorsMiddleware,
     RequestSizeLimitMiddleware,
 )
 from service.schemas import (
@@ -333,6 +334,7 @@ LipCert.add_asgi_middleware(ErrorShapeMiddleware)
 LipCert.add_asgi_middleware(RequestSizeLimitMiddleware)
 LipCert.add_asgi_middleware(BodyBudgetMiddleware, routes=tuple(_API_FILE_FIELDS))
 LipCert.add_asgi_middleware(FormGuardMiddleware, file_fields=_API_FILE_FIELDS)
+LipCert.add_asgi_middleware(OpenAPIErrorsMiddleware, routes=tuple(_API_FILE_FIELDS))
 # The web page at / (BentoML's own API page moves to /docs); see service/web.py.
 LipCert.mount_asgi_app(create_web_app(), path="/", name="web")
 

@@ -3,9 +3,10 @@
 ``bentoml serve`` runs with one small AOL digits model and a truncated copy (refused, so
 ``/models`` lists a refusal); schemathesis reads ``/docs.json`` and sends generated requests,
 valid and invalid (wrong types, missing fields, undeclared content types, broken multipart), to
-every operation, checking that no answer is a server error and that every answer with a
-documented schema conforms to it. Bounded in time: ``LIPCERT_FUZZ_SECONDS`` (default 30 s) of
-generation after the server is up. The release check runs it longer, e.g.::
+every operation, checking that no answer is a server error and that every answer has a
+documented status, content type, headers and schema. Bounded in time:
+``LIPCERT_FUZZ_SECONDS`` (default 30 s) of generation after the server is up. The release
+check runs it longer, e.g.::
 
     LIPCERT_FUZZ_SECONDS=600 .venv/bin/python -m pytest -q tests/test_service_fuzz.py
 
@@ -24,7 +25,8 @@ import pytest
 from service_harness import Server, digits_model
 
 #: The checks the suite enforces (schemathesis names).
-CHECKS = "not_a_server_error,response_schema_conformance"
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_headers_conformance,response_schema_conformance")
 LIMITS = {"LIPCERT_MAX_UPLOAD_BYTES": "200000", "LIPCERT_MAX_REQUEST_BYTES": "1000000"}
 
 

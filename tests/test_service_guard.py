@@ -174,6 +174,19 @@ def test_well_formed_requests_pass_the_guard(client) -> None:
     assert client.post("/models").status_code == 200  # lists no model, and no refusal
 
 
+
+def test_openapi_document_lists_every_error_status(client) -> None:
+    spec = client.get("/docs.json").json()
+    error = spec["components"]["schemas"]["LipcertError"]
+    assert error["required"] == ["error"]
+    for route in ROUTES:
+        responses = spec["paths"][route]["post"]["responses"]
+        assert {"200", "400", "404", "408", "413", "415", "422", "429", "500", "503"} <= set(
+            responses), route
+        assert responses["413"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/LipcertError"}
+    assert set(spec["paths"]["/readyz"]["get"]["responses"]) == {"200"}  # not an API route
+
 # ----------------------------------------------------------------------------- the parts
 
 
