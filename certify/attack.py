@@ -46,6 +46,59 @@ def _project(delta: torch.Tensor, x: torch.Tensor, cap: torch.Tensor) -> torch.T
     return (x + delta).clamp(0.0, 1.0) - x
 
 
+def _pgd(
+    twin: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cap: torch.Tensor,
+    *,
+    steps: int,
+    restarts: int,
+    step_fraction: float,
+    seed: int,
+) -> torch.Tensor:
+    """L2 PGD on the margin loss: the best perturbation found per point, ``‖δ‖ <= cap``."""
+    gen = torch.Generator().manual_seed(seed)
+    best_delta = torch.zeros_like(x)
+    best_loss = torch.full((len(x),), float("-inf"))
+    view = (-1, *([1] * (x.ndim - 1)))
+    for _ in range(restarts):
+        delta = torch.randn(x.shape, generator=gen)
+        delta = delta / delta.flatten(1).norm(dim=1).view(view) * (cap.view(view) * 0.5)
+        delta = _project(delta, x, cap)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            loss = _margin(twin(x + delta), y)
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            with torch.no_grad():
+                better = loss.detach() > best_loss
+                best_loss = torch.where(better, loss.detach(), best_loss)
+                best_delta[better] = delta.detach()[better]
+                g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+                delta = _project(delta.detach() + step_fraction * cap.view(view) * g, x, cap)
+        with torch.no_grad():
+            loss = _margin(twin(x + delta), y)
+            better = loss > best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_delta[better] = delta[better]
+    return best_delta
+
+
+def _verdict(artifact: Any, x_adv: torch.Tensor, y: torch.Tensor, rel: torch.Tensor) -> dict:
+    """Re-run the attacked points in ONNX Runtime: flips, largest ``‖δ‖/r``, smallest margin."""
+    adv_logits = artifact.logits(x_adv.numpy().astype(np.float32)).astype(np.float64)
+    yn = y.numpy()
+    rows = np.arange(len(yn))
+    others = adv_logits.copy()
+    others[rows, yn] = -np.inf
+    margin_left = adv_logits[rows, yn] - others.max(axis=1)
+    return dict(
+        flipped=int((adv_logits.argmax(axis=1) != yn).sum()),
+        max_relative_norm=float(rel.numpy().max()),
+        min_margin_left=float(margin_left.min()),
+    )
+
+
 def attack_check(
     onnx_path: str | Path | Any,
     images: Any,
@@ -131,44 +184,9 @@ def attack_check(
     y = torch.from_numpy(pred[idx]).long()
     r = torch.from_numpy(radius[idx]).to(torch.float32)
     cap = r * RADIUS_FRACTION
-    gen = torch.Generator().manual_seed(seed)
-    best_delta = torch.zeros_like(x)
-    best_loss = torch.full((len(idx),), float("-inf"))
-    view = (-1, *([1] * (x.ndim - 1)))
-    for _ in range(restarts):
-        delta = torch.randn(x.shape, generator=gen)
-        delta = delta / delta.flatten(1).norm(dim=1).view(view) * (cap.view(view) * 0.5)
-        delta = _project(delta, x, cap)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = _margin(twin(x + delta), y)
-            (grad,) = torch.autograd.grad(loss.sum(), delta)
-            with torch.no_grad():
-                better = loss.detach() > best_loss
-                best_loss = torch.where(better, loss.detach(), best_loss)
-                best_delta[better] = delta.detach()[better]
-                g = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
-                delta = _project(delta.detach() + step_fraction * cap.view(view) * g, x, cap)
-        with torch.no_grad():
-            loss = _margin(twin(x + delta), y)
-            better = loss > best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_delta[better] = delta[better]
-
-    x_adv = (x + best_delta).numpy().astype(np.float32)
-    adv_logits = artifact.logits(x_adv).astype(np.float64)
-    yn = y.numpy()
-    flipped = adv_logits.argmax(axis=1) != yn
-    z_y = adv_logits[np.arange(len(yn)), yn]
-    others = adv_logits.copy()
-    others[np.arange(len(yn)), yn] = -np.inf
-    margin_left = z_y - others.max(axis=1)
-    rel = (best_delta.flatten(1).norm(dim=1) / r).numpy()
-    out.update(
-        flipped=int(flipped.sum()),
-        max_relative_norm=float(rel.max()),
-        min_margin_left=float(margin_left.min()),
-    )
+    best_delta = _pgd(twin, x, y, cap, steps=steps, restarts=restarts,
+                      step_fraction=step_fraction, seed=seed)
+    out.update(_verdict(artifact, x + best_delta, y, best_delta.flatten(1).norm(dim=1) / r))
     if out["flipped"]:
         logger.warning("%s: %d certified points flipped inside their radius",
                        onnx_path, out["flipped"])

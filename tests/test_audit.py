@@ -68,3 +68,63 @@ def test_scaled_weight_scales_bound(method):
 def test_unknown_layer_refused():
     with pytest.raises(TypeError, match="no Lipschitz rule"):
         layer_bound(torch.nn.Tanh(), SHAPE)
+
+
+# -- structures the audit does not prove are refused, not given a number ------------------------
+def _conv(scale: float = 2.0) -> torch.nn.Conv2d:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    return conv.requires_grad_(False)
+
+
+def test_a_module_used_twice_counts_twice() -> None:
+    from collections import OrderedDict
+
+    conv = _conv()
+    once = audit(torch.nn.Sequential(conv), SHAPE, lower=False).bound
+    twice = audit(torch.nn.Sequential(OrderedDict(a=conv, b=conv)), SHAPE, lower=False).bound
+    assert twice == pytest.approx(once**2, rel=1e-12) and once > 1
+
+
+def test_extra_children_beside_body_and_head_are_refused() -> None:
+    from collections import OrderedDict
+
+    from certify.audit import AuditError
+
+    net = torch.nn.Sequential(OrderedDict(
+        body=torch.nn.Sequential(torch.nn.Identity()), head=torch.nn.Flatten(),
+        extra=_conv(),
+    ))
+    with pytest.raises(AuditError, match="not audited"):
+        audit(net, SHAPE, lower=False)
+
+
+def test_a_leaf_called_more_often_than_it_appears_is_refused() -> None:
+    from certify.audit import AuditError
+
+    inner = _conv()
+    hidden_call = torch.nn.Sequential(torch.nn.Identity(), inner)
+    hidden_call.register_forward_hook(lambda module, args, out: inner(out))  # a second use
+    with pytest.raises(AuditError, match="called 2 times but appears 1 times"):
+        audit(hidden_call, SHAPE, lower=False)
+
+    class Twice(plain.CircularConv2d):  # defined outside models: its own rule is not trusted
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(super().forward(x))
+
+    with pytest.raises(TypeError, match="no Lipschitz rule"):
+        audit(torch.nn.Sequential(Twice(inner.weight)), SHAPE, lower=False)
+
+
+def test_a_foreign_self_described_bound_is_not_trusted() -> None:
+    class Liar(torch.nn.Module):
+        def lipschitz_upper_bound(self) -> float:
+            return 0.5
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 10 * x
+
+    with pytest.raises(TypeError, match="no Lipschitz rule"):
+        audit(torch.nn.Sequential(Liar()), SHAPE, lower=False)

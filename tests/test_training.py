@@ -103,7 +103,7 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--method", "aoll"], "unknown method 'aoll'; choose from all, aol, bcop"),
+        (["--method", "aoll"], "unknown method 'aoll'; choose from all, aoc, aol, bcop"),
         (["--method", "aol,nope"], "unknown method 'nope'"),
         (["--method", "aol", "--size", "xxl"], "unknown size 'xxl'; choose from xxs, xs, s, m, l"),
         (["--method", "aol", "--dataset", "mnist"], "unknown dataset 'mnist'; choose from digits"),
