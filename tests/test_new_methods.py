@@ -37,10 +37,13 @@ def pair_ratios(f: torch.nn.Module, shape: tuple[int, ...], count: int = 256) ->
 
 
 # -- exactly 1-Lipschitz, as built and as exported --------------------------------------------
+CASES = [(m, {}) for m in NEW] + [("sandwich", {"init": "reference"}), ("bro", {"rank": 1})]
+
+
 @pytest.mark.parametrize("kernel_size", [1, 3])
-@pytest.mark.parametrize("method", NEW)
-def test_norm_at_most_one_at_init_and_after_300_adversarial_steps(method, kernel_size):
-    layer = create_layer(method, C, kernel_size)
+@pytest.mark.parametrize("method,options", CASES)
+def test_norm_at_most_one_at_init_and_after_300_adversarial_steps(method, options, kernel_size):
+    layer = create_layer(method, C, kernel_size, **options)
     checks = []
     for stage in ("init", "trained"):
         if stage == "trained":
@@ -132,6 +135,19 @@ def test_cayley_rows_are_orthonormal():
     torch.testing.assert_close(real @ real.T, torch.eye(3, dtype=torch.float64))
 
 
+def test_sandwich_identity_init_is_relu_and_reference_init_is_available():
+    layer = create_layer("sandwich", C, 3).eval()
+    x = torch.randn(2, C, N, N)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.relu(x), atol=1e-6, rtol=0)
+        head = create_layer("sandwich", C, 1, activation=False).eval()
+        torch.testing.assert_close(head(x), x / 2**0.5, atol=1e-6, rtol=0)
+    reference = create_layer("sandwich", C, 3, init="reference")
+    assert reference.bias.abs().sum() > 0 and reference.weight[:, :C].abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown init 'dirac'; choose from identity, reference"):
+        create_layer("sandwich", C, 3, init="dirac")
+
+
 def test_sandwich_linear_form_is_a_contraction():
     layer = create_layer("sandwich", C, 3, activation=False)
     adversarial_steps(layer, (C, N, N), steps=50)
@@ -215,29 +231,51 @@ def test_sandwich_lipnet_has_no_maxmin_and_a_linear_head():
     assert sum(isinstance(m, MaxMin) for m in aoc.modules()) == 1 + 3 * 3
 
 
+#: Peak learning rates of the smoke run (those of training/config.py's table).
+SMOKE_LR = {"aoc": 3e-2, "bro": 3e-2, "sandwich": 3e-2}
+
+
 @pytest.mark.parametrize("method", NEW)
-def test_onnx_parity_and_audited_bound_of_the_whole_network(method, tmp_path):
+def test_digits_smoke_run_learns_exports_with_onnx_parity_and_audits(method, tmp_path):
+    """A few seconds of SGD on digits (xxs), then ONNX Runtime parity and the audited bound.
+
+    The whole pipeline (``python -m training``: budget, store, metadata) runs for every
+    registered method in test_training.py; this checks the three layers' part quickly.
+    """
     ort = pytest.importorskip("onnxruntime")
     from certify.audit import audit
+    from data import load_dataset
+    from training.loss import offset_cross_entropy
 
+    digits = load_dataset("digits")
+    x, y = digits.train_images.float().div(255), digits.train_labels
     model = create_model(method, "xxs", 1, 10, 8)
-    adversarial_steps(model, (1, 8, 8), steps=5)  # move away from the init
+    opt = torch.optim.SGD(model.parameters(), lr=SMOKE_LR[method], momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = offset_cross_entropy(model(x[idx]), y[idx], offset=0.4, temperature=0.25)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     model.eval()
+    xt, yt = digits.test_images.float().div(255), digits.test_labels
+    with torch.no_grad():
+        expected = model(xt)
+    assert (expected.argmax(1) == yt).float().mean() > 0.5  # learned something in 60 steps
+
     plain = model.export().eval()
     path = tmp_path / f"{method}.onnx"
-    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     torch.onnx.export(
-        plain, (x[:1],), str(path), input_names=["image"], output_names=["logits"],
+        plain, (xt[:1],), str(path), input_names=["image"], output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=19,
         dynamo=False,
     )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"image": x.numpy()})[0]
-    with torch.no_grad():
-        expected = model(x).numpy()
-    assert np.abs(got - expected).max() <= 1e-4
+    got = session.run(None, {"image": xt.numpy()})[0]
+    assert np.abs(got - expected.numpy()).max() <= 1e-4
     result = audit(plain, (1, 8, 8))
-    assert result.bound <= 1 + 1e-4 and result.lower <= result.bound
+    assert 0.5 < result.bound <= 1 + 1e-4 and result.lower <= result.bound
     assert result.certificate == "linear_head"
 
 
@@ -255,21 +293,3 @@ def test_parameter_counts(method):
         with torch.device("meta"):
             model = create_model(method, size)
         assert sum(p.numel() for p in model.parameters()) == expected, size
-
-
-@pytest.mark.parametrize("method", NEW)
-def test_short_training_run_exports_and_audits(method, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    from training import TrainConfig, load_dataset, train
-
-    digits = load_dataset("digits")
-    cfg = TrainConfig(method=method, size="xxs", dataset="digits", budget_s=2.0,
-                      out=str(tmp_path), seed=1, store=False)
-    result = train(cfg, data=digits)
-    report = result.report
-    assert report["steps"] > 0 and 0.5 < report["lipschitz_bound"] <= 1 + 1e-4
-    session = ort.InferenceSession(str(result.run_dir / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    images = digits.test_images[:64].float().div(255).numpy()
-    logits = session.run(None, {session.get_inputs()[0].name: images})[0]
-    assert logits.shape == (64, 10) and np.isfinite(logits).all()
