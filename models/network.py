@@ -16,6 +16,10 @@ an isometry, so certificates are unchanged), and the number of blocks is log2 of
 scaled by 32/size, as the paper does for TinyImageNet (w = 8/16/32/64), so the head width and
 the parameter budget stay those of the 32×32 network.
 
+Methods whose layer carries its own activation (Sandwich: ``includes_activation``) get no
+MaxMin after it, and a layer class may give its head conv other options (``head_options``:
+Sandwich's head is its linear form); see docs/new_methods.md.
+
 Sizes: XS/S/M/L have width 16/32/64/128 and depth 5, as in the paper. ``xxs`` (width 8, depth 3)
 is lipcert's CPU-sized preset: on a 2-core CPU and a minutes-long budget a thin, shallow net sees
 more epochs and ends more accurate than XS.

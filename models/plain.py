@@ -234,7 +234,6 @@ class FourierConv2d(nn.Module):
         return f"{c}, input_size={self.input_size}, pad={self.pad}"
 
 
-
 class Sandwich2d(nn.Module):
     """``y = outer(Ψ·ReLU(inner(x)))``: the exported sandwich layer (Wang & Manchester, 2023).
 
