@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--onnx", type=Path, default=None, help="the model's ONNX file, for ORT")
     srv.add_argument("--timeout", type=float, default=30.0, help="per-request timeout seconds")
     srv.add_argument("--out", type=Path, default=Path("bench_results/service"))
+
+    ld = sub.add_parser("load", help="cost of the re-audit when a server loads a model")
+    ld.add_argument("--methods", default=None, help="comma list (default: every registered)")
+    ld.add_argument("--size", default="xs", help="network size (default: xs)")
+    ld.add_argument("--input", default="3x32x32", help="CxHxW (default 3x32x32)")
+    ld.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    ld.add_argument("--threads", type=int, default=1, help="threads of the loading process")
+    ld.add_argument("--out", type=Path, default=Path("bench_results/load"))
     return p
 
 
@@ -98,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
             run_service_load(cfg)
             print((args.out / "service.md").read_text(encoding="utf-8"))
             print(f"wrote {args.out}/service.json, service.csv, service.md")
+        elif args.command == "load":
+            from bench.layers import parse_list, parse_shape
+            from bench.load_time import LoadTimeConfig, run_load_time
+            from models.registry import list_methods
+
+            methods = parse_list(args.methods) if args.methods else list_methods()
+            run_load_time(LoadTimeConfig(tuple(methods), args.size, parse_shape(args.input),
+                                         args.classes, args.threads, args.out))
+            print((args.out / "load.md").read_text(encoding="utf-8"))
+            print(f"wrote {args.out}/load.json, load.csv, load.md")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from pydantic import Field
 
+from service.bento_models import bento_sources, model_references
 from service.errors import InvalidArgument, NotFound, UnprocessableEntity
 from service.images import ImageLimits, decode_image, to_model_input
 from service.loader import (
@@ -97,13 +98,18 @@ class _Outcome:
         self.method, self.model = model.method, model.name
 
 
+#: The models ``bentoml build`` packages with the service (service/bento_models.py): class
+#: attributes of a base class, so the selection is made from the store when this module loads.
+_BentoModelReferences = type("_BentoModelReferences", (), model_references())
+
+
 @bentoml.service(
     name="lipcert",
     traffic={"timeout": 60},
     # ONNX Runtime releases the GIL: a few threads overlap requests on a multi-core machine.
     threads=4,
 )
-class LipCert:
+class LipCert(_BentoModelReferences):
     """Serves every verified lipcert model (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -113,7 +119,8 @@ class LipCert:
         )
         options = LoadOptions.from_env(profile_batch=MAX_BATCH_SIZE)
         try:
-            sources = discover()
+            bento = getattr(LipCert, "bento", None)  # set when serving a built bento
+            sources = bento_sources(bento) if bento is not None else discover()
         except ModelRefused as exc:
             logger.error("lipcert: %s", exc)
             sources = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,8 @@ class Artifact:
         session: the ONNX Runtime session, built from the verified bytes.
         onnx_bytes: the file's size.
         parameters: the number of weights in the graph's initializers.
+        timings: seconds spent in each step of the load (``rebuild``, ``export``, ``compare``,
+            ``audit``, ``session``, ``parity``), for ``python -m bench load``.
     """
 
     source: str
@@ -84,6 +87,7 @@ class Artifact:
     session: Any = field(repr=False)
     onnx_bytes: int = 0
     parameters: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def provider(self) -> str:
@@ -199,6 +203,19 @@ def load_bytes(
         raise _fail(source, f"cannot be proven ({reason})") from None
 
 
+class _Clock:
+    """Seconds per step of a load (``laps``)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def _load_bytes(
     data: bytes,
     source: str,
@@ -207,6 +224,7 @@ def _load_bytes(
     max_bound: float | None,
     signing_key: str | bytes | None,
 ) -> Artifact:
+    clock = _Clock()
     proto = _parse(data, source)
     external = [t.name for t in proto.graph.initializer if _external_data(t)]
     if external:
@@ -231,16 +249,20 @@ def _load_bytes(
     shape = tuple(meta["input_shape"])
     try:
         twin = build_skeleton(meta["config"])
+        clock.lap("rebuild")
         reference = skeleton_proto(meta["config"], shape, twin)
+        clock.lap("export")
     except Exception as exc:  # any failure to rebuild is a refusal, never a crash
         raise _fail(source, f"cannot rebuild the stored config: {exc}".splitlines()[0]) from None
     mismatch = structure_mismatch(proto, reference, list(twin.state_dict()))
+    clock.lap("compare")
     if mismatch is not None:
         raise _fail(source, f"graph is not the export of its config: {mismatch}")
     twin.load_state_dict(_twin_state(proto, twin), strict=True)
     twin.eval().requires_grad_(False)
     try:
         result = audit(twin, shape, lower=False)
+        clock.lap("audit")
     except (TypeError, ValueError, RuntimeError) as exc:
         raise _fail(source, f"the audit refuses the graph: {exc}".splitlines()[0]) from None
     _cross_check(meta, result, source)
@@ -248,14 +270,16 @@ def _load_bytes(
         raise _fail(source, f"lipschitz_bound {result.bound} exceeds the allowed {max_bound}")
     try:
         session = open_session(data, providers, threads)
+        clock.lap("session")
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise _fail(source, f"ONNX Runtime cannot load it: {exc}".splitlines()[0]) from None
     delta = _parity(session, twin, shape, seed=1)
+    clock.lap("parity")
     if not delta <= PARITY_ATOL:
         raise _fail(source, f"ONNX Runtime differs from the audited twin by {delta:.3g}")
     meta.update(_audit_metadata(result))
     parameters = sum(int(np.prod(t.dims)) for t in graph.initializer)
-    return Artifact(source, meta, result, twin, session, len(data), parameters)
+    return Artifact(source, meta, result, twin, session, len(data), parameters, clock.laps)
 
 
 def load(

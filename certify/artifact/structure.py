@@ -9,8 +9,9 @@ the file says about itself:
    ``state_dict`` entry of the skeleton is loaded from the file's initializer of the same name
    (the exporter keeps those names; see :func:`export_proto`). That is the twin.
 2. The structure. The skeleton is exported with the same exporter and options. Tracing is
-   data-independent (``torch.export`` runs on fake tensors), so exporting the twin would give the
-   skeleton's graph with the twin's weights in the initializers, which *are* the file's. Hence if
+   data-independent (the tracer records operations, and plain modules have no data-dependent
+   control flow), so exporting the twin would give the skeleton's graph with the twin's weights
+   in the initializers, which *are* the file's. Hence if
    the file's graph equals the skeleton's export in everything except the values of the
    initializers that were loaded into the twin, the file computes exactly what the twin computes.
 
@@ -34,6 +35,7 @@ import contextlib
 import io
 import json
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,20 +53,45 @@ _CACHE_LOCK = threading.Lock()
 def export_proto(plain: nn.Module, input_shape: Sequence[int]) -> Any:
     """Export a plain network to an in-memory ``onnx.ModelProto`` (the one exporter lipcert uses).
 
-    ``torch.onnx.export`` with ``dynamo=True``, opset :data:`OPSET`, input ``image``
-    ``(N, C, H, W)`` with a dynamic batch axis, output ``logits``. The exporter's graph optimizer
-    stays off: it merges initializers that happen to be equal (Dirac kernels, zero biases), which
-    would break the one-to-one mapping from initializer names to ``state_dict`` keys.
+    ``torch.onnx.export`` (the TorchScript tracer, ``dynamo=False``: 10–20x faster here than the
+    ``torch.export`` path, which matters because every load exports a skeleton), opset
+    :data:`OPSET`, input ``image`` ``(N, C, H, W)`` with a dynamic batch axis, output ``logits``,
+    no constant folding, so every ``state_dict`` entry is an initializer of the same name. The
+    exporter merges initializers whose *values* are equal (Dirac kernels, zero biases); that
+    would make the graph depend on the weights, so such an export is refused here and
+    :func:`skeleton_proto` exports skeletons whose weights are all distinct.
+
+    Raises:
+        ValueError: the exporter renamed or merged a ``state_dict`` entry.
     """
+    import onnx
+
     example = torch.zeros((2, *input_shape))
-    # The exporter reports progress on stdout; library code stays quiet.
-    with contextlib.redirect_stdout(io.StringIO()):
-        program = torch.onnx.export(
-            plain, (example,), None, dynamo=True, optimize=False, external_data=False,
-            opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: "batch"},), verbose=False,
+    buffer = io.BytesIO()
+    # The exporter warns about its own deprecation and prints progress; library code is quiet.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            plain, (example,), buffer, dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=False, export_params=True, keep_initializers_as_inputs=False,
         )
-    return program.model_proto
+    proto = onnx.load_from_string(buffer.getvalue())
+    names = {t.name for t in proto.graph.initializer}
+    lost = [k for k in plain.state_dict() if k not in names]
+    if lost:
+        raise ValueError(f"the exporter renamed or merged weights {lost[:3]}")
+    return proto
+
+
+def _distinct_weights(module: nn.Module) -> None:
+    """Make every floating ``state_dict`` entry of a skeleton distinct (seeded, in place)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for value in module.state_dict().values():
+            if value.is_floating_point() and value.numel():
+                value.add_(torch.rand(value.shape, generator=gen, dtype=value.dtype) * 1e-3)
 
 
 def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
@@ -93,8 +120,9 @@ def skeleton_proto(
 ) -> Any:
     """:func:`export_proto` of :func:`build_skeleton`, cached per (config, shape, versions).
 
-    ``skeleton``: an already built (or weight-loaded: the export does not depend on the values)
-    plain network of exactly this config, to save building another one.
+    ``skeleton``: an already built plain network of exactly this config, to save building
+    another one (its weights are perturbed so that no two are equal, see :func:`export_proto`;
+    the export depends on their shapes only, and a caller loads real weights afterwards).
     """
     key = json.dumps(
         [dict(config), list(input_shape), torch.__version__], sort_keys=True, default=str
@@ -102,6 +130,7 @@ def skeleton_proto(
     with _CACHE_LOCK:
         if key not in _CACHE:
             module = skeleton if skeleton is not None else build_skeleton(config)
+            _distinct_weights(module)
             _CACHE[key] = export_proto(module, tuple(input_shape))
         return _CACHE[key]
 
