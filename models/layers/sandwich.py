@@ -186,10 +186,9 @@ class SandwichConv2d(FourierSizeMixin, LipschitzConv2d):
             maps = [FourierConv2d(m) for m in self.maps(self._export_size(input_size), w)]
         if self.bias is not None:  # the bias goes with the first map (before the ReLU)
             maps[0].bias = self.bias.detach().float().clone()
-        plain = maps
         if not self.includes_activation:
-            return plain[0]
-        return Sandwich2d(plain[0], plain[1], torch.exp(self.psi.double()))
+            return maps[0]
+        return Sandwich2d(maps[0], maps[1], torch.exp(self.psi.double()))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.includes_activation}"
