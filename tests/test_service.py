@@ -198,11 +198,29 @@ def test_uploaded_radius_follows_the_preprocessing_norm(client, make, factor, st
     assert r.status_code == 200, r.text
     p = r.json()
     assert step in p["preprocessing"]
-    if factor is None:
-        assert p["certified_radius_uploaded"] is None
+    if factor is None:  # a real resize: the norm of PIL's linear map, from its full matrix
+        from service.images import _resize
+
+        basis = np.eye(100).reshape(100, 1, 10, 10)
+        full = np.stack([_resize(e, 8, 8).ravel() for e in basis], axis=1)  # (64, 100)
+        factor = 1 / np.linalg.norm(full, ord=2)
+        assert p["certified_radius_uploaded"] == pytest.approx(factor * p["certified_radius"],
+                                                               rel=1e-6)
         return
     # the upload maps exactly onto the 8x8 digit: same prediction, radius scaled by the norm
     assert p["certified_radius"] == pytest.approx(base["certified_radius"], rel=1e-6)
+    assert p["certified_radius_uploaded"] == pytest.approx(factor * p["certified_radius"])
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK"])
+def test_uploaded_radius_of_palette_and_cmyk_images(client, mode: str) -> None:
+    """Palette pixels are their colours (norm 1); CMYK goes through PIL's formula in float (2)."""
+    rgb = Image.fromarray(np.stack([_digit_uint8()] * 3, axis=-1))
+    upload = rgb.convert(mode)
+    buf = io.BytesIO()
+    upload.save(buf, format="TIFF" if mode == "CMYK" else "PNG")
+    p = client.post("/predict", files={"image": ("u", buf.getvalue(), "image/png")}).json()
+    factor = math.sqrt(3.0) / (2.0 if mode == "CMYK" else 1.0)  # then rgb->gray(mean)
     assert p["certified_radius_uploaded"] == pytest.approx(factor * p["certified_radius"])
 
 
