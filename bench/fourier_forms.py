@@ -48,7 +48,7 @@ def _forms(channels: int, n: int) -> tuple[nn.Module, dict[str, nn.Module]]:
 
 
 def _ort_session(module: nn.Module, x: torch.Tensor, path: Path, threads: int):
-    import onnxruntime as ort
+    from certify.artifact import open_session
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,11 +56,7 @@ def _ort_session(module: nn.Module, x: torch.Tensor, path: Path, threads: int):
             module, (x,), str(path), input_names=["x"], output_names=["y"],
             dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=19, dynamo=False,
         )
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return open_session(path, ["CPUExecutionProvider"], threads)
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -36,7 +36,7 @@ def export_onnx(
 
 
 def ort_session(path: str | Path, *, device: str = "cpu", threads: int | None = None):
-    """An ONNX Runtime session with full graph optimization.
+    """An ONNX Runtime session as the service opens one (:func:`certify.artifact.open_session`).
 
     Args:
         path: the ``.onnx`` file.
@@ -46,14 +46,7 @@ def ort_session(path: str | Path, *, device: str = "cpu", threads: int | None = 
     Returns:
         ``onnxruntime.InferenceSession``.
     """
-    import onnxruntime as ort
+    from certify.artifact import default_providers, open_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    return open_session(path, default_providers(device.startswith("cuda")),
+                        int(threads or torch.get_num_threads()))

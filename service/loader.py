@@ -250,18 +250,6 @@ def _certified_accuracy(meta: Mapping[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- loading
 
 
-def default_providers() -> list[str]:
-    """CUDA then CPU where onnxruntime has CUDA and a GPU device node exists; else CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    # onnxruntime-gpu lists CUDA even on machines without a GPU, then logs errors at every
-    # session; a device node is a cheap, import-free sign that one is there.
-    if "CUDAExecutionProvider" in available and Path("/dev/nvidiactl").exists():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 def _rss() -> int:
     import psutil
 
@@ -303,7 +291,7 @@ def load_model(source: ModelSource, options: LoadOptions) -> ServedModel:
     Raises:
         ModelRefused: any failed check (see the module docstring).
     """
-    from certify.artifact import HEAD_CERTIFICATES, ModelVerificationError, load
+    from certify.artifact import HEAD_CERTIFICATES, ModelVerificationError, default_providers, load
 
     path = source.path
     providers = list(options.providers or default_providers())

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from certify.artifact import certificate_kwargs, load, to_onnx, update_metadata
+from certify.artifact import default_providers, load, to_onnx, update_metadata
 from certify.radius import certified_accuracy
 from data import Dataset
 from training.config import TrainConfig
@@ -50,15 +50,10 @@ def evaluate_onnx(
     Returns:
         ``(accuracy, metadata)``; accuracy: ``{"clean_accuracy", "certified_accuracy"}``.
     """
-    import onnxruntime as ort  # heavy: only where a file is evaluated
-
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    artifact = load(path, providers=providers)
+    artifact = load(path, providers=default_providers(cuda))
     logits = artifact.logits(images, batch)
     meta = artifact.metadata
-    acc = certified_accuracy(logits, labels.numpy(), eps, **certificate_kwargs(meta))
+    acc = certified_accuracy(logits, labels.numpy(), eps, **artifact.certificate_kwargs())
     clean = acc.pop("clean")
     return dict(clean_accuracy=clean, certified_accuracy=acc), meta
 

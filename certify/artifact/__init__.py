@@ -57,14 +57,19 @@ from certify.artifact.load import (
     open_unverified,
     verify,
 )
-from certify.artifact.runtime import open_session, provider_options, run_logits
+from certify.artifact.runtime import (
+    default_providers,
+    open_session,
+    provider_options,
+    run_logits,
+)
 from certify.artifact.structure import export_proto
 
 __all__ = [
     "CERTIFICATES", "HEAD_CERTIFICATES", "INPUT_NAME", "LIPCERT_FORMAT", "METADATA_KEYS",
     "OPSET", "OUTPUT_NAME", "PARITY_ATOL", "SIGNING_KEY_ENV", "Artifact", "ExportError",
     "ModelVerificationError", "certificate_kwargs", "decode_metadata", "decode_value",
-    "encode_value", "export_proto", "load", "load_bytes", "load_onnx", "load_twin",
-    "open_session", "open_unverified", "provider_options", "read_metadata", "run_logits",
-    "to_onnx", "update_metadata", "verify", "weights_sha256",
+    "default_providers", "encode_value", "export_proto", "load", "load_bytes", "load_onnx",
+    "load_twin", "open_session", "open_unverified", "provider_options", "read_metadata",
+    "run_logits", "to_onnx", "update_metadata", "verify", "weights_sha256",
 ]

@@ -17,6 +17,18 @@ from torch import nn
 from certify.artifact.format import INPUT_NAME, OUTPUT_NAME, ExportError
 
 
+def default_providers(cuda: bool = True) -> list[str]:
+    """CUDA then CPU where ONNX Runtime has CUDA and a GPU device node exists (and ``cuda``);
+    else CPU. onnxruntime-gpu lists CUDA even on machines without a GPU, then logs errors at
+    every session: the device node is a cheap, import-free sign that one is there."""
+    import onnxruntime as ort
+
+    if (cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+            and Path("/dev/nvidiactl").exists()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def provider_options(providers: Sequence[str] | None) -> list[tuple[str, dict[str, str]]]:
     """ONNX Runtime providers with lipcert's fixed options, whatever the caller asked for.
 
@@ -77,4 +89,4 @@ def _parity(session: Any, module: nn.Module, shape: tuple[int, ...], seed: int =
     return worst
 
 
-__all__ = ["open_session", "provider_options", "run_logits"]
+__all__ = ["default_providers", "open_session", "provider_options", "run_logits"]
