@@ -30,7 +30,7 @@ from certify.artifact.format import (
 )
 from certify.artifact.load import _audit_metadata, load
 from certify.artifact.runtime import _parity
-from certify.artifact.structure import OPSET, skeleton_proto
+from certify.artifact.structure import OPSET, graft, skeleton_proto
 from certify.audit import audit
 from models.export import to_plain
 
@@ -48,27 +48,6 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     return shape  # type: ignore[return-value]
-
-
-def _graft(reference: Any, plain: nn.Module) -> Any:
-    """A copy of the skeleton's export with ``plain``'s weights in the initializers."""
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(reference)
-    inits = {t.name: t for t in proto.graph.initializer}
-    for key, value in plain.state_dict().items():
-        if key not in inits:
-            raise ExportError(
-                f"the export of the model's config has no weight {key!r}: the model does not "
-                "match its own config, so no server could rebuild it"
-            )
-        array = value.detach().cpu().numpy()
-        if str(array.dtype) != str(numpy_helper.to_array(inits[key]).dtype):
-            raise ExportError(f"weight {key!r} is {array.dtype}, the export expects another type")
-        inits[key].CopyFrom(numpy_helper.from_array(array, key))
-    return proto
 
 
 def to_onnx(
@@ -119,7 +98,12 @@ def to_onnx(
 
     plain = to_plain(model)
     result = audit(plain, shape)
-    proto = _graft(skeleton_proto(config, shape), plain)
+    try:
+        proto = graft(skeleton_proto(config, shape), plain)
+    except ValueError as exc:
+        raise ExportError(
+            f"{exc}: the model does not match its own config, so no server could rebuild it"
+        ) from None
     props: dict[str, Any] = {
         "lipcert_format": LIPCERT_FORMAT,
         "method": config["method"],

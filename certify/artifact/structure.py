@@ -32,6 +32,7 @@ so it is cached per process (:func:`skeleton_proto`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import threading
@@ -57,41 +58,65 @@ def export_proto(plain: nn.Module, input_shape: Sequence[int]) -> Any:
     ``torch.export`` path, which matters because every load exports a skeleton), opset
     :data:`OPSET`, input ``image`` ``(N, C, H, W)`` with a dynamic batch axis, output ``logits``,
     no constant folding, so every ``state_dict`` entry is an initializer of the same name. The
-    exporter merges initializers whose *values* are equal (Dirac kernels, zero biases); that
-    would make the graph depend on the weights, so such an export is refused here and
-    :func:`skeleton_proto` exports skeletons whose weights are all distinct.
+    tracer merges initializers whose *values* are equal (Dirac kernels, the DFT matrices every
+    Fourier layer shares), which would make the graph depend on the weights; so a copy whose
+    weights are all distinct is traced, and the real weights are grafted into the result.
 
     Raises:
-        ValueError: the exporter renamed or merged a ``state_dict`` entry.
+        ValueError: the exporter renamed a ``state_dict`` entry.
     """
     import onnx
 
+    traced = copy.deepcopy(plain)
+    _distinct_weights(traced)
     example = torch.zeros((2, *input_shape))
     buffer = io.BytesIO()
     # The exporter warns about its own deprecation and prints progress; library code is quiet.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            plain, (example,), buffer, dynamo=False, opset_version=OPSET,
+            traced, (example,), buffer, dynamo=False, opset_version=OPSET,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=False, export_params=True, keep_initializers_as_inputs=False,
         )
-    proto = onnx.load_from_string(buffer.getvalue())
-    names = {t.name for t in proto.graph.initializer}
-    lost = [k for k in plain.state_dict() if k not in names]
-    if lost:
-        raise ValueError(f"the exporter renamed or merged weights {lost[:3]}")
-    return proto
+    return graft(onnx.load_from_string(buffer.getvalue()), plain)
 
 
 def _distinct_weights(module: nn.Module) -> None:
-    """Make every floating ``state_dict`` entry of a skeleton distinct (seeded, in place)."""
+    """Make every floating ``state_dict`` entry distinct (seeded, in place)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for value in module.state_dict().values():
             if value.is_floating_point() and value.numel():
                 value.add_(torch.rand(value.shape, generator=gen, dtype=value.dtype) * 1e-3)
+
+
+def graft(reference: Any, plain: nn.Module) -> Any:
+    """A copy of ``reference`` with ``plain``'s ``state_dict`` in the initializers of the same
+    names (types and shapes must match).
+
+    Raises:
+        ValueError: a weight the reference lacks, or of another type or shape.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(reference)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for key, value in plain.state_dict().items():
+        if key not in inits:
+            raise ValueError(f"the exported graph has no weight {key!r}")
+        array = value.detach().cpu().numpy()
+        old = numpy_helper.to_array(inits[key])
+        if array.dtype != old.dtype or array.shape != old.shape:
+            raise ValueError(
+                f"weight {key!r} is {array.dtype}{list(array.shape)}, the graph expects "
+                f"{old.dtype}{list(old.shape)}"
+            )
+        inits[key].CopyFrom(numpy_helper.from_array(array, key))
+    return proto
 
 
 def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
@@ -121,8 +146,7 @@ def skeleton_proto(
     """:func:`export_proto` of :func:`build_skeleton`, cached per (config, shape, versions).
 
     ``skeleton``: an already built plain network of exactly this config, to save building
-    another one (its weights are perturbed so that no two are equal, see :func:`export_proto`;
-    the export depends on their shapes only, and a caller loads real weights afterwards).
+    another one (the export depends on the shapes of its weights only).
     """
     key = json.dumps(
         [dict(config), list(input_shape), torch.__version__], sort_keys=True, default=str
@@ -130,7 +154,6 @@ def skeleton_proto(
     with _CACHE_LOCK:
         if key not in _CACHE:
             module = skeleton if skeleton is not None else build_skeleton(config)
-            _distinct_weights(module)
             _CACHE[key] = export_proto(module, tuple(input_shape))
         return _CACHE[key]
 
@@ -245,6 +268,7 @@ def structure_mismatch(
 
 
 __all__ = [
-    "INPUT_NAME", "OPSET", "OUTPUT_NAME", "build_skeleton", "export_proto", "skeleton_proto",
+    "INPUT_NAME", "OPSET", "OUTPUT_NAME", "build_skeleton", "export_proto", "graft",
+    "skeleton_proto",
     "structure_mismatch",
 ]
