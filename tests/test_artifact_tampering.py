@@ -239,6 +239,13 @@ def test_honest_file_loads_with_its_metadata(honest: Path) -> None:
     with torch.no_grad():
         ref = artifact.twin(torch.from_numpy(x)).numpy()
     assert np.abs(artifact.logits(x) - ref).max() <= 1e-5
+    # the radii the re-audit serves are the ones the metadata stated, bit for bit
+    from certify.artifact import certificate_kwargs
+    from certify.radius import certified_radius
+
+    logits = artifact.logits(x)
+    stated_radii = certified_radius(logits, **certificate_kwargs(stated))
+    assert np.array_equal(artifact.radii(logits), stated_radii) and stated_radii.max() > 0
 
 
 @pytest.mark.parametrize("name", list(TAMPERINGS))
