@@ -8,6 +8,8 @@ bounds, one type at a time.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -288,34 +290,40 @@ class Sandwich2d(nn.Module):
         (stored DFT ``D``, which commutes with the channel scaling),
         ``‖[𝒜 ℬ]‖ ≤ ‖D‖² max_f ‖[O(f)ᵀ, ΨR(f)]‖ / √2``, each factor an exact float64 SVD of
         the stored matrices. Exact weights give ``λ = 1``; float32 storage moves it by ~1e-6.
+        Should the two maps store different DFT matrices (``D_i = D_o + E``), ``ℬ`` is compared
+        with ``ΨD_oᵀR̂D_o/√2``: the difference ``Ψ(EᵀR̂D_i + D_oᵀR̂E)/√2`` adds
+        ``max ψ · max_f ‖R(f)‖ · ‖E‖ (‖D_i‖ + ‖D_o‖) / √2`` to ``‖[𝒜 ℬ]‖``, with
+        ``‖E‖ ≤ ‖Δdft_h‖‖dft_w,i‖ + ‖dft_h,o‖‖Δdft_w‖`` (the DFT is the two stages composed).
         Float32 *arithmetic* rounding in the forward pass is not covered (as everywhere).
 
         Raises:
-            ValueError: a non-positive scale, or inner and outer on different DFT matrices.
+            ValueError: a non-positive scale.
         """
         psi = self.scale.double().flatten()
         if not (psi > 0).all():
             raise ValueError("Sandwich2d scale must be positive")
+
+        def norm(t: torch.Tensor) -> float:
+            return torch.linalg.matrix_norm(t.double(), ord=2).max().item()
+
         if isinstance(self.inner, CircularConv2d):
             o = self.outer.weight.double()[:, :, 0, 0]  # (c, c): y = O h
             r = self.inner.weight.double()[:, :, 0, 0]  # (c, c_in): z = R x
-            m = torch.cat([o.T, r * psi[:, None]], dim=1)
-            dft = 1.0
-        else:
-            # blocks[f] is the transpose of the operator's real 2c × 2c matrix at frequency f.
-            s = torch.cat([psi, psi])[None, :, None]
-            o_t = self.outer.blocks.double()  # O(f)ᵀ
-            r = self.inner.blocks.double().transpose(-1, -2)  # R(f)
-            m = torch.cat([o_t, r * s], dim=-1)
-            dft = 1.0
-            inner, outer = self.inner, self.outer
-            for a, b in ((inner.dft_w, outer.dft_w), (inner.dft_h, outer.dft_h)):
-                # Different stored matrices would break the factorization: refuse to guess.
-                if not torch.equal(a, b):
-                    raise ValueError("inner and outer FourierConv2d use different DFT matrices")
-                dft *= torch.linalg.matrix_norm(a.double(), ord=2).item()
-        norm_m = torch.linalg.matrix_norm(m, ord=2).max().item()
-        return (dft**2 * norm_m) ** 2 / 2 * (1 + 1e-12)
+            first = norm(torch.cat([o.T, r * psi[:, None]], dim=1)) / math.sqrt(2)
+            return first**2 * (1 + 1e-12)
+        # blocks[f] is the transpose of the operator's real 2c × 2c matrix at frequency f.
+        inner, outer = self.inner, self.outer
+        s = torch.cat([psi, psi])[None, :, None]
+        r = inner.blocks.double().transpose(-1, -2)  # R(f)
+        m = torch.cat([outer.blocks.double(), r * s], dim=-1)  # [O(f)ᵀ, ΨR(f)]
+        d_o = norm(outer.dft_w) * norm(outer.dft_h)
+        d_i = norm(inner.dft_w) * norm(inner.dft_h)
+        first = d_o**2 * norm(m) / math.sqrt(2)
+        delta_h = norm(inner.dft_h.double() - outer.dft_h.double())
+        delta_w = norm(inner.dft_w.double() - outer.dft_w.double())
+        e = delta_h * norm(inner.dft_w) + norm(outer.dft_h) * delta_w
+        second = psi.max().item() * norm(r) * e * (d_i + d_o) / math.sqrt(2)
+        return (first + second) ** 2 * (1 + 1e-12)
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}, input_size={self.input_size}"
