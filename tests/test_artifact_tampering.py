@@ -315,11 +315,11 @@ def test_cli_refuses_with_one_line(honest: Path, tmp_path: Path, command: str) -
     assert len(lines) == 1 and lines[0].startswith("error: ") and "not the export" in lines[0]
 
 
-def test_service_lists_tampered_files_as_refused(honest: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from starlette.testclient import TestClient
-
-    from service.service import LipCert
+@pytest.mark.e2e
+def test_service_lists_tampered_files_as_refused(honest: Path, tmp_path: Path) -> None:
+    """A real ``bentoml serve``: the honest file is served, the tampered ones refused."""
+    import httpx
+    from service_harness import Server
 
     folder = tmp_path / "served"
     folder.mkdir()
@@ -328,10 +328,8 @@ def test_service_lists_tampered_files_as_refused(honest: Path, tmp_path: Path,
     for i, name in enumerate(cases):
         bad = _tampered(honest, tmp_path, name)
         (folder / f"bad{i}.onnx").write_bytes(bad.read_bytes())
-    monkeypatch.setenv("LIPCERT_MODELS", str(folder))
-    monkeypatch.setenv("LIPCERT_PROFILE_RUNS", "0")
-    with TestClient(LipCert.to_asgi()) as client:
-        body = client.post("/models", json={}).json()
+    with Server(folder, tmp_path / "home") as server:
+        body = httpx.post(f"{server.url}/models", json={}, timeout=30).json()
     assert [m["name"] for m in body["models"]] == ["honest"]
     refused = {Path(r["source"]).name: r["reason"] for r in body["refused"]}
     assert set(refused) == {f"bad{i}.onnx" for i in range(len(cases))}
