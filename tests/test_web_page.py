@@ -432,6 +432,9 @@ def test_e2e_page_without_a_servable_model_says_so(
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
         assert "serves no model" in page.locator("#messages").inner_text()
         page.locator(".example[data-file='shirt.png']").click()
+        page.wait_for_function(  # the click answers asynchronously: wait, then read
+            "document.querySelector('#results').innerText.includes('No model is being served')",
+            timeout=30_000)
         assert "No model is being served" in page.locator("#results").inner_text()
         page.click("#nav-models")
         assert "sha256" in page.locator("#refused").inner_text()
