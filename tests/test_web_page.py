@@ -437,5 +437,6 @@ def test_e2e_page_without_a_servable_model_says_so(
             timeout=30_000)
         assert "No model is being served" in page.locator("#results").inner_text()
         page.click("#nav-models")
-        assert "sha256" in page.locator("#refused").inner_text()
+        page.wait_for_function(
+            "document.querySelector('#refused').innerText.includes('sha256')", timeout=30_000)
         page.close()
