@@ -32,13 +32,10 @@ of the reference's 3-step power iteration (an estimate, which could leave σ sli
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.layers.base import LipschitzConv2d
-from models.layers.bcop import block_orthogonal_kernel
+from models.layers.bcop import OrthogonalKernelConv2d, block_orthogonal_kernel
 from models.ops import bjorck
-from models.plain import CircularConv2d, circular_pad
 from models.registry import register_method
 
 
@@ -60,7 +57,7 @@ def aoc_kernel(matrices: torch.Tensor, bjorck_iters: int = 12) -> torch.Tensor:
 
 
 @register_method("aoc")
-class AOCConv2d(LipschitzConv2d):
+class AOCConv2d(OrthogonalKernelConv2d):
     """AOC orthogonal convolution with circular padding (stride 1, square).
 
     Args:
@@ -72,10 +69,6 @@ class AOCConv2d(LipschitzConv2d):
     Raises:
         ValueError: a bad ``bjorck_iters``.
     """
-
-    padding = "circular"
-    lipschitz = True
-    orthogonal = True
 
     def __init__(
         self, channels: int, kernel_size: int = 3, *, bias: bool = True, bjorck_iters: int = 12
@@ -94,14 +87,3 @@ class AOCConv2d(LipschitzConv2d):
     def orthogonal_kernel(self, matrices: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(c, c, k, k)`` kernel (recomputed: gradients flow)."""
         return aoc_kernel(self.matrices if matrices is None else matrices, self.bjorck_iters)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.cached("weight", self.orthogonal_kernel)
-        return F.conv2d(circular_pad(x, self.kernel_size // 2), w, self.bias)
-
-    @torch.no_grad()
-    def export(self) -> nn.Module:
-        return CircularConv2d(self.orthogonal_kernel(self.matrices.double()), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bjorck_iters={self.bjorck_iters}"

@@ -66,8 +66,32 @@ def _matrix_conv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class OrthogonalKernelConv2d(LipschitzConv2d):
+    """A circular convolution whose k×k kernel is built orthogonal from ``self.matrices``.
+
+    Subclasses (BCOP, AOC) define ``orthogonal_kernel(matrices=None)`` and ``bjorck_iters``;
+    training convolves with the recomputed kernel (cached in eval mode), inference is one plain
+    :class:`CircularConv2d` with the kernel computed once in float64.
+    """
+
+    padding = "circular"
+    lipschitz = True
+    orthogonal = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.cached("weight", self.orthogonal_kernel)
+        return F.conv2d(circular_pad(x, self.kernel_size // 2), w, self.bias)
+
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        return CircularConv2d(self.orthogonal_kernel(self.matrices.double()), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bjorck_iters={self.bjorck_iters}"
+
+
 @register_method("bcop")
-class BCOPConv2d(LipschitzConv2d):
+class BCOPConv2d(OrthogonalKernelConv2d):
     """BCOP orthogonal convolution with circular padding.
 
     Args:
@@ -76,10 +100,6 @@ class BCOPConv2d(LipschitzConv2d):
         bias: learned bias.
         bjorck_iters: Björck–Bowie iterations (the paper: 20).
     """
-
-    padding = "circular"
-    lipschitz = True
-    orthogonal = True
 
     def __init__(
         self, channels: int, kernel_size: int = 3, *, bias: bool = True, bjorck_iters: int = 20
@@ -104,14 +124,3 @@ class BCOPConv2d(LipschitzConv2d):
         half = ortho[1:] * self.rank_mask.to(ortho.dtype)  # keep ⌊c/2⌋ columns
         projectors = half @ half.transpose(-1, -2)
         return block_orthogonal_kernel(ortho[0], projectors)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.cached("weight", self.orthogonal_kernel)
-        return F.conv2d(circular_pad(x, self.kernel_size // 2), w, self.bias)
-
-    @torch.no_grad()
-    def export(self) -> nn.Module:
-        return CircularConv2d(self.orthogonal_kernel(self.matrices.double()), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bjorck_iters={self.bjorck_iters}"
