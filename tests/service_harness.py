@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,25 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
 
 
+def train_digits(model: Any, x: np.ndarray, y: np.ndarray, steps: int = 200) -> None:
+    """A few seconds of Adam on scaled cross-entropy: enough for meaningful labels and radii.
+
+    Batches of 128 drawn with a per-step seed, so a run is reproducible; ends in eval mode.
+    """
+    import torch
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(xt), (128,), generator=torch.Generator().manual_seed(step))
+        loss = torch.nn.functional.cross_entropy(model(xt[idx]) * 8, yt[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 @functools.cache
 def digits_model() -> Path:
     """An exported AOL ``xxs`` digits model (trained 60 Adam steps), made once per session.
@@ -63,16 +83,7 @@ def digits_model() -> Path:
     x, y = digits()
     torch.manual_seed(0)
     model = models.create_model("aol", "xxs", 1, 10, 8)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for step in range(60):
-        idx = torch.randint(0, len(xt), (128,), generator=torch.Generator().manual_seed(step))
-        loss = torch.nn.functional.cross_entropy(model(xt[idx]) * 8, yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_digits(model, x, y, steps=60)
     return to_onnx(model, root / "aol-digits.onnx", input_shape=(1, 8, 8),
                    metadata={"dataset": "digits", "classes": [str(i) for i in range(10)]})
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from service_harness import train_digits
 
 REPO = Path(__file__).resolve().parents[1]
 AOL = "aol-digits"
@@ -52,20 +53,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
 
 
-def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, steps: int = 200) -> None:
-    """A few seconds of Adam on scaled cross-entropy: enough for meaningful labels and radii."""
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(xt), (128,), generator=torch.Generator().manual_seed(step))
-        loss = torch.nn.functional.cross_entropy(model(xt[idx]) * 8, yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import models
@@ -76,7 +63,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x, y = _digits()
     torch.manual_seed(0)
     aol = models.create_model("aol", "xxs", 1, 10, 8)
-    _train(aol, x[:1500], y[:1500])
+    train_digits(aol, x[:1500], y[:1500])
     run = root / AOL
     path = to_onnx(aol, run / "model.onnx", input_shape=(1, 8, 8),
                    metadata={"dataset": "digits", "classes": [f"digit {i}" for i in range(10)]})

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from service_harness import train_digits
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -68,16 +69,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train = np.arange(1500)  # the shipped digit examples are images >= 1500
     torch.manual_seed(0)
     aol = models.create_model("aol", "xxs", 1, 10, 8)
-    xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-    opt = torch.optim.Adam(aol.parameters(), lr=0.01)
-    aol.train()
-    for step in range(150):
-        idx = torch.randint(0, len(xt), (128,), generator=torch.Generator().manual_seed(step))
-        loss = torch.nn.functional.cross_entropy(aol(xt[idx]) * 8, yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    aol.eval()
+    train_digits(aol, x[train], y[train], steps=150)
     path = to_onnx(aol, root / AOL / "model.onnx", input_shape=(1, 8, 8),
                    metadata={"dataset": "digits", "classes": [str(i) for i in range(10)]})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
