@@ -37,6 +37,7 @@ from training.config import (
 )
 from training.distributed import setup_distributed
 from training.loop import DivergenceError, train
+from training.presets import apply_preset
 from training.sweep import comparison_markdown, write_comparison
 
 PROG = "python -m training"
@@ -67,7 +68,16 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Train, evaluate, export and store 1-Lipschitz classifiers.")
     p.add_argument("--method", help="method, comma list, or 'all' (a sweep)")
-    p.add_argument("--size", help=f"one of {', '.join(list_sizes())} (default {_DEFAULT['size']})")
+    p.add_argument(
+        "--size",
+        help=f"one of {', '.join(list_sizes())} (default: the preset of the method, device, "
+        f"dataset and budget, see training/presets.py; else {_DEFAULT['size']})",
+    )
+    p.add_argument(
+        "--no-preset",
+        action="store_true",
+        help="no preset: the paper's size and the per-method defaults unless flags say otherwise",
+    )
     p.add_argument(
         "--dataset", help=f"one of {', '.join(DATASETS)} (default {_DEFAULT['dataset']})"
     )
@@ -190,6 +200,14 @@ def _layer_options(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _device_type(name: str) -> str:
+    """``cpu`` or ``cuda``: what ``--device`` (``auto`` included) will train on."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
     """The runs the arguments ask for (one per method; one from the checkpoint with --resume).
 
@@ -207,7 +225,12 @@ def configs_from_args(args: argparse.Namespace) -> list[TrainConfig]:
             raise UsageError("--method is required (a method, a comma list or 'all')")
         if "budget_s" not in given and "epochs" not in given:
             given["budget_s"] = DEFAULT_BUDGET_S
-        return [TrainConfig(method=m, **given) for m in parse_methods(args.method)]
+        methods = parse_methods(args.method)
+        if args.no_preset:
+            return [TrainConfig(method=m, **given) for m in methods]
+        device = _device_type(given.get("device", _DEFAULT["device"]))
+        dataset = given.get("dataset", _DEFAULT["dataset"])
+        return [TrainConfig(method=m, **apply_preset(given, m, device, dataset)) for m in methods]
     except UsageError:
         raise
     except (ValueError, FileNotFoundError) as exc:

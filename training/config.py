@@ -191,6 +191,8 @@ class TrainConfig:
             (:meth:`models.heads.CRCHead.curvature_penalty`); only with ``head="crc"``.
         layer_options: extra keyword arguments of every convolution layer (e.g. SOC's
             ``fast_grad``), validated by the layer itself.
+        preset: name of the :data:`training.presets.PRESETS` row that filled in the fields not
+            given on the command line (None: no preset); informational.
     """
 
     method: str
@@ -226,6 +228,7 @@ class TrainConfig:
     pool: str | None = None
     curvature_weight: float = 0.0
     layer_options: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         check_name("method", self.method, list_methods())

@@ -103,5 +103,6 @@ def build_report(
         eval_time_s=final.eval_time_s,
         onnx=None if final.onnx is None else str(final.onnx),
         weights_sha256=meta.get("weights_sha256"),
+        preset=cfg.preset,
         torch_version=torch.__version__,
     )

@@ -1,0 +1,117 @@
+"""Training presets: the size (and any other setting) a measured search chose for a method, a
+device, a data set and a budget, so that ``python -m training --method M --dataset
+fashion-mnist --budget 10m`` trains what trained best in the measurements without a hand-given
+flag. Every flag given on the command line overrides its preset value; ``--no-preset`` turns
+presets off (the paper's XS network and :data:`training.config.METHOD_DEFAULTS`).
+
+One table, :data:`PRESETS`; each row names the measurement that chose it (``evidence``: the
+command and the results file). A method, device, data set or budget no row covers gets no preset:
+nothing is extrapolated to data sets or budgets that were not measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import list_methods
+
+#: The ten Lipschitz methods and the unconstrained baseline (every registered method).
+_ALL = tuple(list_methods())
+
+_CPU_SIZE_SWEEPS = (
+    "two 10-minute sweeps of every method, one at size xs (README; "
+    "docs/results/cpu_fashion_mnist_xs_10m.jsonl) and one at xxs "
+    "(docs/results/cpu_fashion_mnist_xxs_10m.jsonl): OMP_NUM_THREADS=2 python -m training "
+    "--method all --size {xs,xxs} --dataset fashion-mnist --budget 10m --no-preset --no-store"
+)
+_GPU_SWEEP = (
+    "the H100 3-minute sweep at size xs (README, docs/results/gpu_h100_fashion_mnist_xs_3m.jsonl)"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One row of :data:`PRESETS`.
+
+    Attributes:
+        name: short tag saved in ``config.json`` and ``report.json`` (``preset``).
+        device: ``"cpu"`` or ``"cuda"``.
+        datasets: the data sets the measurement used.
+        max_budget_s: the longest wall-clock budget the row covers (shorter ones too, down to
+            ``min_budget_s``); budgets given as ``--epochs`` get no preset.
+        methods: the methods the row applies to.
+        settings: :class:`training.config.TrainConfig` fields the row sets (``size``,
+            ``batch_size``, ``lr``, ``head`` …), per method where ``by_method`` has a row.
+        by_method: per-method settings on top of ``settings``.
+        evidence: how the row was chosen (commands and results files).
+    """
+
+    name: str
+    device: str
+    datasets: tuple[str, ...]
+    max_budget_s: float
+    methods: tuple[str, ...]
+    settings: dict[str, Any]
+    evidence: str
+    min_budget_s: float = 0.0
+    by_method: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def covers(self, method: str, dataset: str, device: str, budget_s: float | None) -> bool:
+        return (
+            budget_s is not None
+            and math.isfinite(budget_s)
+            and self.device == device
+            and dataset in self.datasets
+            and method in self.methods
+            and self.min_budget_s < budget_s <= self.max_budget_s
+        )
+
+    def values(self, method: str) -> dict[str, Any]:
+        """The config fields this row sets for ``method``."""
+        return {**self.settings, **self.by_method.get(method, {})}
+
+
+#: The presets, first match wins.
+PRESETS: tuple[Preset, ...] = (
+    Preset(
+        name="cpu-fmnist-10m",
+        device="cpu",
+        datasets=("fashion-mnist",),
+        max_budget_s=600.0,
+        methods=_ALL,
+        settings={"size": "xxs"},
+        evidence=_CPU_SIZE_SWEEPS,
+    ),
+    Preset(
+        name="cuda-fmnist-3m",
+        device="cuda",
+        datasets=("fashion-mnist",),
+        max_budget_s=180.0,
+        methods=_ALL,
+        settings={"size": "xs"},
+        evidence=_GPU_SWEEP,
+    ),
+)
+
+
+def find_preset(method: str, dataset: str, device: str, budget_s: float | None) -> Preset | None:
+    """The first row of :data:`PRESETS` that covers the run, or None."""
+    for row in PRESETS:
+        if row.covers(method, dataset, device, budget_s):
+            return row
+    return None
+
+
+def apply_preset(
+    given: dict[str, Any], method: str, device: str, dataset: str
+) -> dict[str, Any]:
+    """``given`` (the fields set on the command line) completed by the preset of the run.
+
+    A field in ``given`` is never replaced. The result carries ``preset``: the row's name when
+    it filled in at least one field, else None.
+    """
+    row = find_preset(method, dataset, device, given.get("budget_s"))
+    filled = {} if row is None else {k: v for k, v in row.values(method).items() if k not in given}
+    return {**filled, **given, "preset": row.name if filled else None}
