@@ -11,6 +11,7 @@ In eval mode a layer may cache the parametrized weight (``self.cached``); the ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -67,6 +68,14 @@ class LipschitzConv2d(nn.Module):
     def _apply(self, fn, recurse=True):  # device / dtype moves invalidate the cache too
         self.clear_cache()
         return super()._apply(fn, recurse)
+
+    def init_bias_uniform(self) -> None:
+        """Draw ``self.bias`` (when there is one) uniform in ``±1/√fan_in``, the comparison
+        paper's convolution bias init."""
+        bias = getattr(self, "bias", None)
+        if bias is not None:
+            bound = 1 / math.sqrt(self.channels * self.kernel_size**2)
+            nn.init.uniform_(bias, -bound, bound)
 
     # -- contract --------------------------------------------------------------------------
     def export(self) -> nn.Module:

@@ -182,9 +182,7 @@ class CPLConv2d(LipschitzConv2d):
         self.weight = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         nn.init.xavier_normal_(self.weight)
-        if bias:
-            bound = 1 / math.sqrt(channels * kernel_size**2)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self.init_bias_uniform()
         m = power_size if kernel_size > 1 else 1
         u = torch.randn(1, channels, m, m)
         self.register_buffer("u", u / u.norm())

@@ -22,8 +22,6 @@ Inference: :class:`models.plain.ResidualConv2d` with ``scale = t`` (computed in 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,9 +81,7 @@ class SLLConv2d(LipschitzConv2d):
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.log_q = nn.Parameter(torch.zeros(channels))
         nn.init.xavier_normal_(self.weight)
-        if bias:
-            bound = 1 / math.sqrt(channels * kernel_size**2)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self.init_bias_uniform()
 
     def rescaling(self) -> torch.Tensor:
         """The vector ``t`` (gradients flow in training)."""

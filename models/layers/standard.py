@@ -8,8 +8,6 @@ Inference: one plain circular convolution.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,9 +35,7 @@ class StandardConv2d(LipschitzConv2d):
         self.weight = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         nn.init.orthogonal_(self.weight)
-        if bias:
-            bound = 1 / math.sqrt(channels * kernel_size**2)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self.init_bias_uniform()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(circular_pad(x, self.kernel_size // 2), self.weight, self.bias)
