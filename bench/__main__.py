@@ -54,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     ld.add_argument("--threads", type=int, default=1, help="threads of the loading process")
     ld.add_argument("--out", type=Path, default=Path("bench_results/load"))
+    ref = sub.add_parser(
+        "reference", help="training step of each layer against the comparison paper's own code"
+    )
+    ref.add_argument("--reference-dir", type=Path, required=True,
+                     help="a checkout of berndprach/1LipschitzLayersCompared")
+    ref.add_argument("--methods", default=None, help="comma list (default: every one it has)")
+    ref.add_argument("--batch", type=int, default=64, help="batch (default 64)")
+    ref.add_argument("--channels", type=int, default=32, help="channels (default 32)")
+    ref.add_argument("--size", type=int, default=16, help="height = width (default 16)")
+    ref.add_argument("--repeats", type=int, default=20, help="timed repeats each (default 20)")
+    ref.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    ref.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ref.add_argument("--out", type=Path, default=Path("bench_results/reference"))
     return p
 
 
@@ -116,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                                          args.classes, args.threads, args.out))
             print((args.out / "load.md").read_text(encoding="utf-8"))
             print(f"wrote {args.out}/load.json, load.csv, load.md")
+        elif args.command == "reference":
+            from bench.layers import parse_list
+            from bench.reference import run_reference
+
+            run_reference(
+                args.reference_dir,
+                parse_list(args.methods) if args.methods else None,
+                batch=args.batch, channels=args.channels, size=args.size,
+                repeats=args.repeats, warmup=args.warmup, threads=args.threads, out=args.out,
+            )
+            print((args.out / "reference.md").read_text(encoding="utf-8"))
+            print(f"wrote {args.out}/reference.json, reference.md")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
