@@ -6,16 +6,41 @@ request is therefore parsed, validated and split *before* batching into one :cla
 per image (each carrying its model), and BentoML's dispatcher concatenates the item lists of
 concurrent requests. Validation raises typed BentoML errors (422, 404) from inside pydantic, which
 lets them through unchanged, so a bad request is answered on its own and never fails a batch.
+
+``TensorRequest`` also reads the binary forms of ``service.tensors`` (``.npy`` and raw bytes, the
+model and dtype in the query string) through its own ``from_http_request``, BentoML's hook for
+parsing a request; large bodies are parsed in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
+import bentoml
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from service.errors import InvalidArgument, UnprocessableEntity
+from service.errors import InvalidArgument
+from service.tensors import (
+    BINARY_TYPES,
+    NPY_TYPE,
+    RAW_TYPE,
+    RawBody,
+    check_raw_length,
+    json_batch,
+    npy_array,
+    parse_dtype,
+)
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+#: Bodies above these sizes are parsed in a worker thread: JSON (pydantic's parse, nested lists
+#: to an array) costs ~1 µs per value, a binary body only its range check (~1 ns per value).
+OFFLOAD_JSON_BYTES = 64 * 2**10
+OFFLOAD_BINARY_BYTES = 2**20
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 #: Marks an optional response field ``nullable`` in the OpenAPI document: BentoML flattens a
 #: top-level ``anyOf: [T, null]`` to ``T``, which would make a ``null`` answer break the schema.
@@ -116,6 +141,8 @@ class TensorItem(BaseModel):
     model: str
     image: Any = Field(description="(C, H, W) float32 array in [0, 1]")
     first: bool = Field(description="the first image of its request (counts the request once)")
+    batch: Any = Field(default=None, description="the request's whole (N, C, H, W) batch")
+    index: int = Field(default=0, description="this image's position in ``batch``")
 
 
 def _tensor_request_schema(schema: dict[str, Any]) -> None:
@@ -134,11 +161,14 @@ def _tensor_request_schema(schema: dict[str, Any]) -> None:
     schema["required"] = ["images"]
 
 
-class TensorRequest(BaseModel):
+class TensorRequest(bentoml.IODescriptor):
     """``{"images": N×C×H×W, "model": optional}``, validated and split into items.
 
     The ``before`` validator needs the running service to resolve the model and its input
     shape: it asks ``bentoml.get_current_service()`` for ``tensor_items(images, model)``.
+    Binary bodies (``application/x-npy``, ``application/octet-stream``) take the same path from
+    :meth:`from_http_request`, with ``model`` (and the raw body's ``dtype``) in the query; a JSON
+    body may name its model in the query too.
     """
 
     model_config = ConfigDict(json_schema_extra=_tensor_request_schema)
@@ -147,7 +177,7 @@ class TensorRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _split(cls, data: Any) -> Any:
+    def _split(cls, data: Any, info: ValidationInfo) -> Any:
         if not isinstance(data, dict):
             raise InvalidArgument("the request body must be a JSON object with an 'images' field")
         images = data.get("images")
@@ -161,10 +191,57 @@ class TensorRequest(BaseModel):
         model = data.get("model")
         if model is not None and not isinstance(model, str):
             raise InvalidArgument(f"model must be a string, got {type(model).__name__}")
-        import bentoml
+        query = (info.context or {}).get("model")  # ?model= of the request
+        if query is not None and model is not None and query != model:
+            raise InvalidArgument(f"the body names model {model!r} and the query {query!r}; "
+                                  "give one")
+        model = model if model is not None else query
+        return {"images": bentoml.get_current_service().tensor_items(images, model)}
 
-        service = bentoml.get_current_service()
-        return {"images": service.tensor_items(images, model)}
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> TensorRequest:
+        """Parse a JSON or binary body (BentoML's hook); large ones in a worker thread."""
+        import anyio
+
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media in _FORM_TYPES:  # a form's fields: BentoML's own parser, as before
+            return await super().from_http_request(request, serde)  # type: ignore[return-value]
+        body = await request.body()
+        binary = media in BINARY_TYPES
+        query = _query(request, {"model", "dtype"} if media == RAW_TYPE else {"model"})
+        work = (functools.partial(_binary_request, cls, body, media, query) if binary
+                else functools.partial(cls.model_validate_json, body or b"{}", context=query))
+        limit = OFFLOAD_BINARY_BYTES if binary else OFFLOAD_JSON_BYTES
+        if len(body) > limit:
+            return await anyio.to_thread.run_sync(work)
+        return work()
+
+
+def _query(request: Request, allowed: set[str]) -> dict[str, str]:
+    """The query parameters, each at most once and each one ``allowed`` for the content type."""
+    params = request.query_params
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise InvalidArgument(f"unknown query parameters {unknown}; allowed with this content "
+                              f"type: {', '.join(sorted(allowed))}")
+    repeated = sorted(k for k in params if len(params.getlist(k)) > 1)
+    if repeated:
+        raise InvalidArgument(f"query parameters {repeated} are given more than once")
+    return dict(params)
+
+
+def _binary_request(cls: type[TensorRequest], body: bytes, media: str,
+                    query: dict[str, str]) -> TensorRequest:
+    """A binary body's items: the ``.npy`` parsed (or the raw length checked) before the model
+    is resolved, so a malformed body is a 400 whatever is served."""
+    if media == NPY_TYPE:
+        images: Any = npy_array(body)
+    else:
+        dtype = parse_dtype(query.get("dtype"))
+        check_raw_length(body, dtype)
+        images = RawBody(body, dtype)
+    items = bentoml.get_current_service().tensor_items(images, query.get("model") or None)
+    return cls.model_construct(images=items)
 
 
 def tensor_array(images: Any, shape: tuple[int, int, int], max_batch: int) -> np.ndarray:
@@ -183,29 +260,4 @@ def tensor_array(images: Any, shape: tuple[int, int, int], max_batch: int) -> np
         UnprocessableEntity: ragged, wrong rank or shape, too many images, NaN/Inf, or values
             outside [0, 1] (422).
     """
-    if not isinstance(images, list) or not images:
-        raise InvalidArgument("images must be a non-empty N×C×H×W list of numbers")
-    try:
-        arr = np.asarray(images)
-    except ValueError:  # numpy >= 1.24 refuses ragged nested lists
-        raise UnprocessableEntity(
-            "images is ragged: every image must have the same C×H×W") from None
-    # kinds: f float, i/u integer; strings (U), None or mixed objects (O), booleans (b) are not
-    # pixel values (asarray with a float dtype would silently parse "0.5" or True)
-    if arr.dtype.kind not in "fiu":
-        raise InvalidArgument("images must contain only numbers")
-    if arr.ndim != 4:
-        raise UnprocessableEntity(
-            f"images must be N×C×H×W (4 dimensions), got {arr.ndim}: shape {list(arr.shape)}")
-    if tuple(arr.shape[1:]) != tuple(shape):
-        raise UnprocessableEntity(
-            f"each image must be C×H×W = {list(shape)}, got {list(arr.shape[1:])}")
-    if arr.shape[0] > max_batch:
-        raise UnprocessableEntity(f"at most {max_batch} images per request, got {arr.shape[0]}")
-    if not np.isfinite(arr).all():
-        raise UnprocessableEntity("images contain NaN or Inf")
-    low, high = float(arr.min()), float(arr.max())
-    if low < 0.0 or high > 1.0:
-        raise UnprocessableEntity(f"pixel values must be in [0, 1], got [{low:.6g}, {high:.6g}]")
-    return arr.astype(np.float32)
-
+    return json_batch(images, shape, max_batch)

@@ -68,6 +68,7 @@ from service.schemas import (
     TensorRequest,
     tensor_array,
 )
+from service.tensors import tensor_batch
 from service.web import create_web_app
 
 logger = logging.getLogger(__name__)
@@ -196,22 +197,33 @@ class LipCert(_BentoModelReferences):
         return decode_image(image.read_bytes(), self.limits)
 
     def tensor_items(self, images: Any, model: str | None) -> list[TensorItem]:
-        """Validate a ``/predict_tensor`` body and split it into batching items.
+        """Validate a ``/predict_tensor`` batch and split it into batching items.
 
-        Called by :class:`TensorRequest`'s validator, before batching, so errors are per
-        request. Raises the typed 4xx errors of :func:`tensor_array` and :meth:`resolve`.
+        Called before batching (by :class:`TensorRequest`'s validator for JSON, by its
+        ``from_http_request`` for binary bodies), so errors are per request.
+
+        Args:
+            images: nested lists (JSON), a decoded ``.npy`` array, or a raw body
+                (``service.tensors.RawBody``).
+            model: a model or method name; None for the default.
+
+        Raises:
+            The typed 4xx errors of :func:`service.tensors.tensor_batch` and :meth:`resolve`.
         """
         labels = _Outcome()
         try:
             served = self.resolve(model)
             labels.set(served)
-            batch = tensor_array(images, served.input_shape, MAX_BATCH_SIZE)
+            batch = tensor_batch(images, served.input_shape, MAX_BATCH_SIZE)
         except BentoMLException:
             # accepted requests are counted after inference, rejected ones here
             self.metrics.requests.labels(labels.method, labels.model, "predict_tensor",
                                          "rejected").inc()
             raise
-        return [TensorItem(model=served.name, image=x, first=(i == 0))
+        # each item is a view of the request's batch, which rides along: a batch that is one
+        # whole request runs without a copy (see _gather)
+        return [TensorItem.model_construct(model=served.name, image=x, first=(i == 0),
+                                           batch=batch, index=i)
                 for i, x in enumerate(batch)]
 
     # ------------------------------------------------------------------ API
@@ -229,8 +241,7 @@ class LipCert(_BentoModelReferences):
             labels.set(served)
             pre = to_model_input(self._read_upload(image), served.input_shape)
             logits, radii, ms = self._infer(served, pre.array[None], "predict")
-            return _prediction(served, logits[0], float(radii[0]), pre.norm, ms,
-                               list(pre.steps))
+            return _predictions(served, logits, radii, pre.norm, ms, list(pre.steps))[0]
 
     @bentoml.api(
         route="/predict_tensor",
@@ -252,13 +263,12 @@ class LipCert(_BentoModelReferences):
         for name, idx in by_model.items():
             served = self.by_name[name]
             try:
-                batch = np.stack([images[i].image for i in idx])
-                logits, radii, ms = self._infer(served, batch, "predict_tensor")
+                logits, radii, ms = self._infer(served, _gather(images, idx), "predict_tensor")
             except Exception:
                 self._count_items(images, idx, served, "error")
                 raise
-            for k, i in enumerate(idx):
-                out[i] = _prediction(served, logits[k], float(radii[k]), 1.0, ms, [])
+            for i, p in zip(idx, _predictions(served, logits, radii, 1.0, ms, []), strict=True):
+                out[i] = p
             self._count_items(images, idx, served, "ok")
         return out  # type: ignore[return-value]
 
@@ -340,8 +350,12 @@ _API_FILE_FIELDS = {api.route: tuple(getattr(api.input_spec, "multipart_fields",
 LipCert.add_asgi_middleware(ErrorShapeMiddleware)
 LipCert.add_asgi_middleware(RequestSizeLimitMiddleware)
 LipCert.add_asgi_middleware(BodyBudgetMiddleware, routes=tuple(_API_FILE_FIELDS))
-LipCert.add_asgi_middleware(FormGuardMiddleware, file_fields=_API_FILE_FIELDS)
-LipCert.add_asgi_middleware(OpenAPIErrorsMiddleware, routes=tuple(_API_FILE_FIELDS))
+# the routes that also read binary tensor bodies (application/x-npy, application/octet-stream)
+_BINARY_ROUTES = ("/predict_tensor",)
+LipCert.add_asgi_middleware(FormGuardMiddleware, file_fields=_API_FILE_FIELDS,
+                            binary_routes=_BINARY_ROUTES)
+LipCert.add_asgi_middleware(OpenAPIErrorsMiddleware, routes=tuple(_API_FILE_FIELDS),
+                            binary_routes=_BINARY_ROUTES)
 # The web page at / (BentoML's own API page moves to /docs); see service/web.py.
 LipCert.mount_asgi_app(create_web_app(), path="/", name="web")
 
@@ -353,18 +367,42 @@ def _rank(model: ServedModel) -> tuple[float, float, str]:
             -1.0 if model.clean_accuracy is None else model.clean_accuracy, model.name)
 
 
-def _prediction(served: ServedModel, logits: np.ndarray, radius: float, norm: float | None,
-                ms: float, steps: list[str]) -> Prediction:
-    label = int(np.argmax(logits))
-    others = np.delete(logits, label)
-    return Prediction(
-        model=served.name, method=served.method, label=label,
-        class_name=served.classes[label], scores=[float(v) for v in logits],
-        margin=float(logits[label] - others.max()), certified_radius=radius,
-        certified_radius_uploaded=None if norm is None else radius / norm,
-        lipschitz_bound=served.lipschitz_bound, certificate=served.certificate,
-        inference_ms=ms, preprocessing=steps,
-    )
+def _gather(items: list[TensorItem], idx: list[int]) -> np.ndarray:
+    """The ``(N, C, H, W)`` batch of ``items[idx]``: a whole request's own array when the items
+    are exactly that request, in order (no copy: a binary body is run as it arrived), else a
+    stacked copy."""
+    whole = items[idx[0]].batch
+    if (whole is not None and len(whole) == len(idx)
+            and all(items[i].batch is whole and items[i].index == k for k, i in enumerate(idx))):
+        return whole
+    return np.stack([items[i].image for i in idx])
+
+
+def _predictions(served: ServedModel, logits: np.ndarray, radii: np.ndarray,
+                 norm: float | None, ms: float, steps: list[str]) -> list[Prediction]:
+    """One :class:`Prediction` per row of ``logits`` (N, classes) and its radius.
+
+    Vectorized: label, margin and the Python floats are computed for the whole batch at once
+    (the same float32 arithmetic as per row); the radii are the ones given, unchanged. The
+    values are built here, so the models are constructed without re-validation.
+    """
+    rows = np.arange(len(logits))
+    labels = logits.argmax(axis=1)
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    margins = (logits[rows, labels] - others.max(axis=1)).tolist()
+    out = []
+    for label, scores, margin, radius in zip(labels.tolist(), logits.tolist(), margins,
+                                             radii.tolist(), strict=True):
+        out.append(Prediction.model_construct(
+            model=served.name, method=served.method, label=label,
+            class_name=served.classes[label], scores=scores, margin=margin,
+            certified_radius=radius,
+            certified_radius_uploaded=None if norm is None else radius / norm,
+            lipschitz_bound=served.lipschitz_bound, certificate=served.certificate,
+            inference_ms=ms, preprocessing=steps,
+        ))
+    return out
 
 
 def _model_info(m: ServedModel, default: bool) -> ModelInfo:
