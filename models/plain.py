@@ -9,6 +9,7 @@ bounds, one type at a time.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,60 +92,117 @@ class ConvExponential(nn.Module):
         return f"terms={self.terms}"
 
 
-def _real_dft_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal real DFT matrices for :class:`FourierConv2d`, float64.
+def _one_sided_spectrum_in_h(spectrum: torch.Tensor) -> torch.Tensor:
+    """``(N, N//2+1, c, c)`` one-sided in W → ``(N//2+1, N, c, c)`` one-sided in H.
 
-    Returns ``(dft_w, dft_h)``:
-
-    - ``dft_w`` ``(n, 2r)``, ``r = n//2 + 1``: ``x @ dft_w`` gives the real and the imaginary parts
-      of the one-sided DFT of each row, each bin scaled by ``√(w_k / n)`` with ``w_k = 1`` for the
-      self-conjugate bins (0, and ``n/2`` for even ``n``) and 2 otherwise. With that weighting the
-      map is an isometry of ℝⁿ (the imaginary parts of the self-conjugate bins are identically 0).
-    - ``dft_h`` ``(2n, 2n)``: the unitary DFT ``(C − iS)/√n`` (C, S symmetric) written as a real
-      matrix ``[[C, −S], [S, C]] / √n`` that right-multiplies a row ``[real | imag]``: orthogonal.
+    A real convolution's matrices satisfy ``Q(−f) = conj(Q(f))``, so the missing
+    ``Q(kh, kw)``, ``kw > N/2``, is ``conj(Q(−kh, N − kw))``.
     """
-    r = n // 2 + 1
-    t = torch.arange(n, dtype=torch.float64)
-    angle_w = 2 * torch.pi * torch.outer(t, torch.arange(r, dtype=torch.float64)) / n  # (n, r)
-    weight = torch.full((r,), 2.0, dtype=torch.float64)
+    size, half = spectrum.shape[:2]
+    mirror_h = (-torch.arange(half)) % size
+    mirrored = spectrum[mirror_h][:, size - torch.arange(half, size)].conj()
+    return torch.cat([spectrum[:half], mirrored], dim=1)
+
+
+def _fourier_stages(size: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three constant matrices of :class:`FourierConv2d`, float64.
+
+    ``N = size`` (circular size), ``n = N − 2·pad`` (input and output size), ``r = N//2 + 1``.
+    Zero padding by ``pad`` and the crop back to ``n`` are folded in (only the columns, resp.
+    rows, of the ``n`` kept pixels).
+
+    - ``dft_h`` ``(2r, n)``, rows ``(kh, Re|Im)``: the one-sided DFT along H, each bin scaled by
+      ``√(w_k/N)`` (``w_k = 1`` for the self-conjugate bins 0 and ``N/2``, else 2). Its columns
+      are orthonormal (an isometry of real signals; the imaginary rows of self-conjugate bins
+      are exactly 0). Its transpose is the inverse stage.
+    - ``dft_w`` ``(2N, 2n)``, rows ``(kw, Re|Im)``, columns ``(Re|Im, w)``: the unitary DFT
+      ``(C − iS)/√N`` along W written as a real matrix (orthogonal up to the crop).
+    - ``idft_w`` ``(2n, 4N)``, rows ``(Re|Im, w)``, columns ``(kw, t, j)``: ``dft_wᵀ`` (the
+      inverse DFT) after the complex product's combination. The blocks give
+      ``P[t, j] = X_j Q_tᵀ`` (``X_0, X_1 = Re X, Im X``; ``Q_0, Q_1 = Re Q, Im Q``), and
+      ``Re QX = P00 − P11``, ``Im QX = P10 + P01``: the columns of ``P00`` and ``P10`` are those
+      of ``dft_wᵀ``, the columns of ``P11`` their negation and of ``P01`` a copy (exact in any
+      precision, which :meth:`FourierConv2d.stage_factors` checks).
+    """
+    n, half = size - 2 * pad, size // 2 + 1
+    kept = slice(pad, pad + n)
+    t = torch.arange(size)
+
+    def angle(k: torch.Tensor) -> torch.Tensor:  # 2π(k·t mod N)/N: exact zeros and symmetries
+        return 2 * torch.pi * (torch.outer(k, t) % size).to(torch.float64) / size
+
+    weight = torch.full((half,), 2.0, dtype=torch.float64)
     weight[0] = 1.0
-    if n % 2 == 0:
+    if size % 2 == 0:
         weight[-1] = 1.0
-    scale = (weight / n).sqrt()
-    sin_w = torch.sin(angle_w)
-    sin_w[:, 0] = 0.0  # exactly zero, not sin(~0) rounding noise
-    if n % 2 == 0:
-        sin_w[:, -1] = 0.0
-    dft_w = torch.cat([torch.cos(angle_w) * scale, -sin_w * scale], dim=1)  # (n, 2r)
-    angle_h = 2 * torch.pi * torch.outer(t, t) / n
-    c, s = torch.cos(angle_h) / n**0.5, torch.sin(angle_h) / n**0.5
-    dft_h = torch.cat([torch.cat([c, -s], dim=1), torch.cat([s, c], dim=1)], dim=0)  # (2n, 2n)
-    return dft_w, dft_h
+    scale = (weight / size).sqrt()[:, None]
+    a = angle(torch.arange(half))
+    dft_h = torch.stack([torch.cos(a) * scale, -torch.sin(a) * scale], dim=1)  # (r, 2, N)
+    dft_h = dft_h.reshape(2 * half, size)[:, kept]
+    a = angle(t)
+    c, s = torch.cos(a) / size**0.5, torch.sin(a) / size**0.5  # symmetric (k, w)
+    dft_w = torch.stack([torch.stack([c, s], dim=1), torch.stack([-s, c], dim=1)], dim=1)
+    dft_w = dft_w[..., kept].reshape(2 * size, 2 * n)  # (kw, Re|Im) x (Re|Im, w)
+    inverse = dft_w.T.reshape(2 * n, size, 2)  # (Re|Im, w) x (kw, Re|Im of Y)
+    idft_w = torch.stack(
+        [torch.stack([inverse[..., 0], inverse[..., 1]], dim=-1),  # t=0: P00 → Re Y, P01 → Im Y
+         torch.stack([inverse[..., 1], -inverse[..., 0]], dim=-1)],  # t=1: P10 → Im Y, P11 → −Re Y
+        dim=-2,
+    )  # (2n, N, t, j)
+    return dft_h, dft_w, idft_w.reshape(2 * n, 4 * size)
+
+
+class StageFactors(NamedTuple):
+    """The factors of a :class:`FourierConv2d`'s linear map, read from its stored buffers (float64).
+
+    ``y = dft_hᵀ · inverse_w · Q · dft_w · dft_h · x`` per channel, ``Q`` acting per frequency.
+    ``inverse_w`` is None when ``idft_w`` lacks the exact combination structure (then only
+    ``‖idft_w‖`` is known, and the blocks are bounded as the stacked ``[Qᵀ_re, Qᵀ_im]``).
+    """
+
+    dft_h: torch.Tensor  # (2r, n)
+    dft_w: torch.Tensor  # (2N, 2n)
+    idft_w: torch.Tensor  # (2n, 4N) as stored
+    inverse_w: torch.Tensor | None  # (2n, 2N): idft_w without the combination
+    spectrum: torch.Tensor  # (F, c, c) complex128: Q(f) as the blocks apply it
+
+
+def _max_norm(t: torch.Tensor, chunk: int = 64) -> float:
+    """Largest spectral norm over the leading dimension (float64 or complex128 SVD, chunked)."""
+    if t.dim() == 2:
+        return float(torch.linalg.matrix_norm(t, ord=2))
+    return max(
+        float(torch.linalg.matrix_norm(t[i : i + chunk], ord=2).max())
+        for i in range(0, t.shape[0], chunk)
+    )
 
 
 class FourierConv2d(nn.Module):
-    """A circular convolution applied per frequency, with the DFTs written as real matmuls.
+    """A circular convolution applied per frequency, with real DFTs written as plain matmuls.
 
-    This is how the FFT methods (Cayley, LOT) go to ONNX, which has no complex FFT: for an input
-    of the fixed size ``n`` (after the optional zero padding ``pad``)::
+    How the FFT methods (Cayley, LOT, BRO, Sandwich) go to ONNX. The layout is chosen for ONNX
+    Runtime on the CPU (measured in ``bench/fourier_forms.py``): frequency-major, so every DFT
+    stage is one GEMM with a small constant matrix on the left, the per-frequency products are
+    one batched MatMul, and the only data movements are two plain 2-D transposes. For an input
+    ``x`` ``(B, C, n, n)``, ``N = n + 2·pad`` (the circular size), ``r = N//2 + 1``::
 
-        X = rDFT_W(x)              x @ dft_w           (real | imag of the one-sided row DFT)
-        X = DFT_H(X)               [Re | Im] @ dft_h   (unitary column DFT, as a real matrix)
-        Y(f) = Q(f) X(f)           one real 2c × 2c block [[Re Q, −Im Q], [Im Q, Re Q]] per f
-        y = rDFT_W⁻¹(DFT_H⁻¹(Y))   the transposes of the same two matrices
+        (B·C, n²) → (n², B·C)             2-D transpose: pixels major
+        dft_h @ ·      (kh, Re|Im, w, B·C)   one-sided real DFT along H (zero padding folded in)
+        dft_w @ ·      (kh, kw, Re|Im, B·C)  unitary complex DFT along W, as a real matrix
+        · @ blocks     (F, t, Re|Im, B, C)   P[t, j] = X_j Q_tᵀ: ONE batched MatMul, F = r·N
+        idft_w @ ·     (kh, Re|Im, w, B·C)   Re/Im of Q·X combined, inverse DFT along W (+ crop)
+        dft_hᵀ @ ·     (n², B·C) → (B·C, n²) inverse along H, 2-D transpose back
 
-    Every DFT stage is one large GEMM against a constant 2-D matrix (leading dims flattened),
-    with transposes in between: what ONNX Runtime runs fastest (a constant on the *left* of a
-    batched MatMul becomes thousands of tiny GEMMs).
+    The blocks store ``[Re Q(f)ᵀ, Im Q(f)ᵀ]`` (``2c²`` numbers per frequency, half the real
+    ``2c × 2c`` form); the sum and difference of the four products are folded into ``idft_w``
+    (see :func:`_fourier_stages`), which costs no extra pass over the data. ONNX's ``DFT``
+    operator was measured too and is not used: in ONNX Runtime 1.23 it is slower than these
+    GEMMs on the CPU and, at LOT's non-power-of-two sizes (34, 18, 10, 6), 10x slower and off
+    by up to 1e-4.
 
-    Both DFT stages are isometries (orthonormal scaling, see :func:`_real_dft_matrices`), so the
-    operator norm is ``max_f ‖Q(f)‖₂`` and :meth:`lipschitz_upper_bound` is tight. Cost per image
-    and channel ``O(n³)`` for the DFTs plus ``O(n² c)`` for the blocks, against ``O(n⁴ c)`` for
-    the equivalent spatial convolution with an ``n × n`` kernel.
-
-    With ``pad > 0`` (LOT) the input is zero-padded by ``pad``, convolved circularly on
-    ``n + 2·pad`` and cropped back: padding is an isometry and cropping a projection, so the
-    bound of the circular part still holds.
+    The Lipschitz bound (:meth:`lipschitz_upper_bound`) is ``‖dft_h‖²·‖dft_w‖·‖inverse‖·
+    max_f ‖Q(f)‖``, each factor an exact float64 SVD of the stored float32 matrices: tight
+    (the DFT stages are isometries up to float32 storage).
 
     Args:
         spectrum: ``(N, N//2 + 1, c_out, c_in)`` complex one-sided per-frequency matrices of the
@@ -152,7 +210,7 @@ class FourierConv2d(nn.Module):
             returns with ``onesided=True``), ``N = input_size + 2·pad``. Use complex128 for an
             exact export; it is stored as float32.
         bias: ``(c_out,)`` or None.
-        pad: zero padding before and crop after the circular convolution.
+        pad: zero padding before and crop after the circular convolution (LOT, BRO).
 
     Attributes:
         input_size: the spatial size ``n`` the module accepts (square inputs only).
@@ -175,17 +233,13 @@ class FourierConv2d(nn.Module):
         self.pad = int(pad)
         self.size = int(size)
         self.input_size = self.size - 2 * self.pad
-        q = spectrum.detach().to(torch.complex128)
-        # Real form of each complex block, transposed for ``z @ blocks`` with z = [Re x | Im x];
-        # frequencies ordered (kw, kh), the layout the forward pass reaches them in.
-        real = torch.cat(
-            [torch.cat([q.real, -q.imag], dim=-1), torch.cat([q.imag, q.real], dim=-1)], dim=-2
-        )  # (N, r, 2c, 2c)
-        blocks = real.transpose(0, 1).reshape(size * half, 2 * c_out, 2 * c_in).transpose(-1, -2)
-        dft_w, dft_h = _real_dft_matrices(size)
-        self.register_buffer("dft_w", dft_w.float())
+        q = _one_sided_spectrum_in_h(spectrum.detach().to(torch.complex128))  # (r, N, c, c)
+        q = q.reshape(half * size, c_out, c_in).transpose(-1, -2)  # Q(f)ᵀ, F = (kh, kw)
+        dft_h, dft_w, idft_w = _fourier_stages(self.size, self.pad)
         self.register_buffer("dft_h", dft_h.float())
-        self.register_buffer("blocks", blocks.float().contiguous())
+        self.register_buffer("dft_w", dft_w.float())
+        self.register_buffer("idft_w", idft_w.float())
+        self.register_buffer("blocks", torch.stack([q.real, q.imag], dim=1).float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, n, n) -> (B, C, n, n)
@@ -195,44 +249,60 @@ class FourierConv2d(nn.Module):
                 f"FourierConv2d was exported for {self.input_size}x{self.input_size} inputs, "
                 f"got {tuple(x.shape[-2:])}"
             )
-        p, n, r = self.pad, self.size, self.size // 2 + 1
-        if p:
-            x = F.pad(x, (p, p, p, p))
+        n, size, half = self.input_size, self.size, self.size // 2 + 1
         b, c = x.shape[0], x.shape[1]
-        z = x @ self.dft_w  # (B, C, N, 2r): rows h, [Re | Im] over kw
-        z = z.reshape(b, c, n, 2, r).permute(0, 1, 4, 3, 2).reshape(b, c, r, 2 * n)
-        z = z @ self.dft_h  # (B, C, r, 2N): per kw, [Re | Im] over kh
-        # One channel-mixing block per frequency: (F, B, 2C) @ (F, 2C, 2C), F = (kw, kh).
-        z = z.reshape(b, c, r, 2, n).permute(2, 4, 0, 3, 1).reshape(r * n, b, 2 * c)
-        z = torch.matmul(z, self.blocks)
-        z = z.reshape(r, n, b, 2, c).permute(2, 4, 0, 3, 1).reshape(b, c, r, 2 * n)
-        z = z @ self.dft_h.transpose(0, 1)  # inverse column DFT
-        z = z.reshape(b, c, r, 2, n).permute(0, 1, 4, 3, 2).reshape(b, c, n, 2 * r)
-        y = z @ self.dft_w.transpose(0, 1)  # (B, C, N, N)
-        if p:
-            y = y[..., p:-p, p:-p]
+        z = x.reshape(b * c, n * n).transpose(0, 1).reshape(n, n * b * c)  # (H, [W, B, C])
+        z = torch.matmul(self.dft_h, z).reshape(half, 2 * n, b * c)  # (kh, [Re|Im, W], BC)
+        z = torch.matmul(self.dft_w, z)  # (kh, [kw, Re|Im], BC)
+        z = torch.matmul(z.reshape(half * size, 1, 2 * b, c), self.blocks)  # (F, t, [j, B], C)
+        z = torch.matmul(self.idft_w, z.reshape(half, 4 * size, b * c))  # (kh, [Re|Im, W], BC)
+        z = torch.matmul(self.dft_h.transpose(0, 1), z.reshape(2 * half, n * b * c))
+        y = z.reshape(n * n, b * c).transpose(0, 1).reshape(b, c, n, n)  # (B, C, H, W)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
 
     @torch.no_grad()
+    def stage_factors(self) -> StageFactors:
+        """The stored factors in float64 (see :class:`StageFactors`)."""
+        idft_w = self.idft_w.double()
+        parts = idft_w.reshape(idft_w.shape[0], -1, 2, 2)  # (2n, N, t, j)
+        combined = bool(
+            torch.equal(parts[..., 1, 1], -parts[..., 0, 0])
+            and torch.equal(parts[..., 0, 1], parts[..., 1, 0])
+        )
+        inverse = parts[..., 0, :].reshape(idft_w.shape[0], -1) if combined else None
+        blocks = self.blocks.double()
+        spectrum = torch.complex(blocks[:, 0], blocks[:, 1]).transpose(-1, -2)
+        return StageFactors(self.dft_h.double(), self.dft_w.double(), idft_w, inverse, spectrum)
+
+    @torch.no_grad()
     def lipschitz_upper_bound(self) -> float:
         """A guaranteed upper bound of the operator norm of the map this module computes.
 
-        The map is ``crop ∘ Dᵀ ∘ blockdiag(Q) ∘ D ∘ pad`` with ``D`` built from the *stored*
-        float32 DFT matrices, so ``‖·‖ <= ‖dft_w‖² · ‖dft_h‖² · max_f ‖Q(f)‖`` (padding and
-        cropping have norm <= 1, the bias does not change the Lipschitz constant). Each factor is
-        an exact largest singular value of the stored float32 matrices, computed in float64.
-        Float32 *arithmetic* rounding in the forward pass is not covered (it is not a linear map).
+        The map is ``dft_hᵀ ∘ idft_w ∘ P ∘ dft_w ∘ dft_h`` per channel (``dft_h`` on H for every
+        column, ``dft_w`` and ``idft_w`` per ``kh``, ``P`` per frequency), each built from the
+        *stored* float32 buffers, and the norm of a composition is at most the product of the
+        norms. When ``idft_w`` has the exact combination structure (the export's), ``idft_w ∘ P``
+        is ``inverse ∘ (X ↦ Q(f)X)``, the complex product at each frequency, of norm
+        ``max_f ‖Q(f)‖``; otherwise it is bounded by ``‖idft_w‖ · max_f ‖[Re Q(f)ᵀ, Im Q(f)ᵀ]‖``.
+        Each factor is an exact largest singular value computed in float64 (the bias does not
+        change the Lipschitz constant). Float32 *arithmetic* rounding of the matmuls is not a
+        linear map and is not covered here: the radius' per-provider float slack
+        (:mod:`certify.radius`) covers it, measured by ``tests/test_float_error.py``.
         """
-        dft_w = torch.linalg.matrix_norm(self.dft_w.double(), ord=2).item()
-        dft_h = torch.linalg.matrix_norm(self.dft_h.double(), ord=2).item()
-        blocks = torch.linalg.matrix_norm(self.blocks.double(), ord=2).max().item()
-        # A hair of slack for the float64 SVD itself (relative error ~1e-15 per factor).
-        return dft_w**2 * dft_h**2 * blocks * (1 + 1e-12)
+        f = self.stage_factors()
+        outer = _max_norm(f.dft_h) ** 2 * _max_norm(f.dft_w)
+        if f.inverse_w is not None:
+            middle = _max_norm(f.inverse_w) * _max_norm(f.spectrum)
+        else:
+            stacked = torch.cat([f.spectrum.real, f.spectrum.imag], dim=-2)  # [Re Q; Im Q]
+            middle = _max_norm(f.idft_w) * _max_norm(stacked)
+        # A hair of slack for the float64 SVDs themselves (relative error ~1e-15 per factor).
+        return outer * middle * (1 + 1e-12)
 
     def extra_repr(self) -> str:
-        c = self.blocks.shape[-1] // 2
+        c = self.blocks.shape[-1]
         return f"{c}, input_size={self.input_size}, pad={self.pad}"
 
 
@@ -286,15 +356,9 @@ class Sandwich2d(nn.Module):
         ``𝒜𝒜ᵀ + ℬℬᵀ ⪯ λI`` then ``‖Δy‖ ≤ λ‖Δx‖`` (the sandwich theorem with ``⪯`` in place of
         ``=``: for ``Â = 𝒜/√λ``, ``B̂ = ℬ/√λ``, ``w = DB̂Δx``,
         ``‖Δx‖² − ‖2Âᵀw‖² ≥ ‖Δx − 2B̂ᵀw‖² + 4wᵀ(B̂Δx − w) ≥ 0``, the last term by the slope
-        restriction of ReLU). ``λ = ‖[𝒜 ℬ]‖²`` will do. In the DFT form ``T = Dᵀ·blocks·D``
-        (stored DFT ``D``, which commutes with the channel scaling),
-        ``‖[𝒜 ℬ]‖ ≤ ‖D‖² max_f ‖[O(f)ᵀ, ΨR(f)]‖ / √2``, each factor an exact float64 SVD of
-        the stored matrices. Exact weights give ``λ = 1``; float32 storage moves it by ~1e-6.
-        Should the two maps store different DFT matrices (``D_i = D_o + E``), ``ℬ`` is compared
-        with ``ΨD_oᵀR̂D_o/√2``: the difference ``Ψ(EᵀR̂D_i + D_oᵀR̂E)/√2`` adds
-        ``max ψ · max_f ‖R(f)‖ · ‖E‖ (‖D_i‖ + ‖D_o‖) / √2`` to ``‖[𝒜 ℬ]‖``, with
-        ``‖E‖ ≤ ‖Δdft_h‖‖dft_w,i‖ + ‖dft_h,o‖‖Δdft_w‖`` (the DFT is the two stages composed).
-        Float32 *arithmetic* rounding in the forward pass is not covered (as everywhere).
+        restriction of ReLU). ``λ = ‖[𝒜 ℬ]‖²`` will do. 1×1 maps: an exact SVD. Fourier maps:
+        see :meth:`_fourier_bound`. Float32 *arithmetic* rounding is not covered (as
+        everywhere; the radius' float slack is).
 
         Raises:
             ValueError: a non-positive scale.
@@ -302,28 +366,47 @@ class Sandwich2d(nn.Module):
         psi = self.scale.double().flatten()
         if not (psi > 0).all():
             raise ValueError("Sandwich2d scale must be positive")
-
-        def norm(t: torch.Tensor) -> float:
-            return torch.linalg.matrix_norm(t.double(), ord=2).max().item()
-
         if isinstance(self.inner, CircularConv2d):
             o = self.outer.weight.double()[:, :, 0, 0]  # (c, c): y = O h
             r = self.inner.weight.double()[:, :, 0, 0]  # (c, c_in): z = R x
-            first = norm(torch.cat([o.T, r * psi[:, None]], dim=1)) / math.sqrt(2)
+            first = _max_norm(torch.cat([o.T, r * psi[:, None]], dim=1)) / math.sqrt(2)
             return first**2 * (1 + 1e-12)
-        # blocks[f] is the transpose of the operator's real 2c × 2c matrix at frequency f.
-        inner, outer = self.inner, self.outer
-        s = torch.cat([psi, psi])[None, :, None]
-        r = inner.blocks.double().transpose(-1, -2)  # R(f)
-        m = torch.cat([outer.blocks.double(), r * s], dim=-1)  # [O(f)ᵀ, ΨR(f)]
-        d_o = norm(outer.dft_w) * norm(outer.dft_h)
-        d_i = norm(inner.dft_w) * norm(inner.dft_h)
-        first = d_o**2 * norm(m) / math.sqrt(2)
-        delta_h = norm(inner.dft_h.double() - outer.dft_h.double())
-        delta_w = norm(inner.dft_w.double() - outer.dft_w.double())
-        e = delta_h * norm(inner.dft_w) + norm(outer.dft_h) * delta_w
-        second = psi.max().item() * norm(r) * e * (d_i + d_o) / math.sqrt(2)
-        return (first + second) ** 2 * (1 + 1e-12)
+        # Always sound as well: outer ∘ Ψ ∘ ReLU ∘ inner, norms multiplied.
+        chained = (
+            self.outer.lipschitz_upper_bound() * psi.max().item()
+            * self.inner.lipschitz_upper_bound()
+        )
+        return min(chained, self._fourier_bound(psi))
+
+    def _fourier_bound(self, psi: torch.Tensor) -> float:
+        """``‖[𝒜 ℬ]‖²`` for two :class:`FourierConv2d` maps (``inf`` if a map is not structured).
+
+        Each map is ``T = E·𝒬·F`` with ``F = dft_w·dft_h`` (per channel), ``E = dft_hᵀ·inverse_w``
+        and ``𝒬`` the complex product by ``Q(f)`` per frequency. With ``D = F_R`` (the inner
+        map's forward stages) and exact stages (``E = Fᵀ``, the same in both maps),
+        ``√2·[𝒜 ℬ] = Dᵀ[𝒪ᴴ, Ψℛ](D ⊕ D)`` (``Ψ`` acts per channel, so it commutes with ``Dᵀ``),
+        of norm ``≤ ‖D‖² max_f ‖[O(f)ᴴ, ΨR(f)]‖``. Stored stages that differ add
+        ``Δ_a 𝒪 E_Oᵀ + Dᵀ𝒪ᵀΔ_b`` and ``ΨΔ_cℛD`` with ``Δ_a = F_Oᵀ − Dᵀ``, ``Δ_b = E_Oᵀ − D``,
+        ``Δ_c = E_R − Dᵀ``, each bounded stage by stage (a composition's difference is a sum of
+        differences of one stage at a time), so a mismatch costs a little, never soundness.
+        """
+        fi, fo = self.inner.stage_factors(), self.outer.stage_factors()
+        if fi.inverse_w is None or fo.inverse_w is None:
+            return math.inf
+        n = _max_norm
+        a_i, a_o, g_i, g_o = fi.dft_h, fo.dft_h, fi.dft_w, fo.dft_w
+        d = n(a_i) * n(g_i)
+        o_norm, r_norm = n(fo.spectrum), n(fi.spectrum)
+        m = torch.cat([fo.spectrum.conj().transpose(-1, -2), fi.spectrum * psi[:, None]], dim=-1)
+        first = n(a_i) ** 2 * n(g_i) ** 2 * n(m)
+        delta_a = n(g_o - g_i) * n(a_o) + n(g_i) * n(a_o - a_i)
+        delta_b = n(fo.inverse_w.T - g_i) * n(a_o) + n(g_i) * n(a_o - a_i)
+        delta_c = n(a_i) * n(fi.inverse_w - g_i.T)
+        e_o = n(a_o) * n(fo.inverse_w)
+        second = (
+            delta_a * o_norm * e_o + d * o_norm * delta_b + psi.max().item() * delta_c * r_norm * d
+        )
+        return ((first + second) / math.sqrt(2)) ** 2 * (1 + 1e-12)
 
     def extra_repr(self) -> str:
         return f"{self.scale.numel()}, input_size={self.input_size}"
