@@ -254,8 +254,9 @@ class BodyBudgetMiddleware:
             nonlocal done, held, streamed
             if done:  # after the body only a disconnect can come: no deadline for it
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            try:  # a timer on this task (asyncio.timeout), not a new task per message
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
             except TimeoutError:
                 raise RequestTimeout(
                     f"the request body did not arrive within {self.body_timeout_s:g} s"

@@ -56,6 +56,7 @@ from service.middleware import (
     OpenAPIErrorsMiddleware,
     RequestSizeLimitMiddleware,
 )
+from service.responses import PredictionList
 from service.schemas import (
     Certification,
     CertifyResponse,
@@ -73,19 +74,39 @@ from service.web import create_web_app
 
 logger = logging.getLogger(__name__)
 
-#: Adaptive batching of /predict_tensor: images per batch, and the latency bound (ms) the
-#: dispatcher plans against. 64 images of the small CPU models run in a few ms; the generous
-#: bound keeps the dispatcher from shedding load (it answers 503 when it predicts a miss).
-MAX_BATCH_SIZE = 64
-MAX_LATENCY_MS = 1000
-
-# ``/certify``'s default for ``image`` (a pydantic field, so no list is shared between calls)
-_NO_FILES = Field(default_factory=list)
-
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+def _env_workers(default: int | str) -> int | str:
+    """``LIPCERT_WORKERS``: a number of worker processes, or ``cpu_count``."""
+    value = os.environ.get("LIPCERT_WORKERS", "").strip()
+    if not value:
+        return default
+    if value == "cpu_count":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LIPCERT_WORKERS={value!r}: give a number >= 1 or 'cpu_count'")
+    return int(value)
+
+
+#: Adaptive batching of /predict_tensor (also the most images one request may hold): images per
+#: batch, and the latency bound (ms) the dispatcher plans against. 64 images of the small CPU
+#: models run in a few ms; the generous bound keeps the dispatcher from shedding load (it
+#: answers 503 when it predicts a miss). ``LIPCERT_MAX_BATCH``, ``LIPCERT_MAX_LATENCY_MS``.
+MAX_BATCH_SIZE = _env_int("LIPCERT_MAX_BATCH", 64)
+MAX_LATENCY_MS = _env_int("LIPCERT_MAX_LATENCY_MS", 1000)
+#: Worker processes (``LIPCERT_WORKERS``; BentoML's ``services.lipcert.workers`` wins): each
+#: has its own event loop, batcher and sessions, and loads (re-audits) every model itself.
+WORKERS = _env_workers(1)
+#: Threads per worker for the synchronous APIs and the batch runs (``LIPCERT_API_THREADS``):
+#: ONNX Runtime releases the GIL, so a run overlaps the event loop's HTTP work.
+API_THREADS = _env_int("LIPCERT_API_THREADS", 4)
+
+# ``/certify``'s default for ``image`` (a pydantic field, so no list is shared between calls)
+_NO_FILES = Field(default_factory=list)
 
 
 class _Outcome:
@@ -104,12 +125,7 @@ class _Outcome:
 _BentoModelReferences = type("_BentoModelReferences", (), model_references())
 
 
-@bentoml.service(
-    name="lipcert",
-    traffic={"timeout": 60},
-    # ONNX Runtime releases the GIL: a few threads overlap requests on a multi-core machine.
-    threads=4,
-)
+@bentoml.service(name="lipcert", traffic={"timeout": 60}, workers=WORKERS, threads=API_THREADS)
 class LipCert(_BentoModelReferences):
     """Serves every verified lipcert model (see the module docstring)."""
 
@@ -246,6 +262,7 @@ class LipCert(_BentoModelReferences):
     @bentoml.api(
         route="/predict_tensor",
         input_spec=TensorRequest,
+        output_spec=PredictionList,
         batchable=True,
         max_batch_size=MAX_BATCH_SIZE,
         max_latency_ms=MAX_LATENCY_MS,
