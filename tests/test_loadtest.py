@@ -7,15 +7,27 @@ import json
 from email.parser import BytesParser
 from email.policy import default
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from service.loadtest import percentiles, run
+from service.loadtest import LoadRequest, _check_answer, percentiles, run
 from tests.http_stand_in import JSONHandler, serving
 
 
 class _StandIn(JSONHandler):
-    """Answers /models, /predict (checks the multipart PNG upload) and /predict_tensor."""
+    """Answers /models, /predict (checks the multipart PNG upload) and /predict_tensor; with
+    ``npy`` its OpenAPI document offers .npy bodies, and it reads them."""
+
+    npy = False
+
+    def do_GET(self):
+        if self.path == "/docs.json" and self.npy:
+            content = {"application/json": {}, "application/x-npy": {}}
+            self.send_json(200, {"paths": {"/predict_tensor": {"post": {
+                "requestBody": {"content": content}}}}})
+        else:
+            self.send_json(404, dict(error="no route"))
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers["Content-Length"]))
@@ -27,6 +39,12 @@ class _StandIn(JSONHandler):
             ok = body.get("model") == "m" and len(body["images"][0][0]) == 8
             answer = [dict(label=0, inference_ms=0.2)] * len(body["images"])
             self.send_json(200 if ok else 400, answer)
+        elif self.path == "/predict_tensor?model=m" and self.npy:
+            images = np.load(io.BytesIO(raw))
+            ok = (self.headers["Content-Type"] == "application/x-npy"
+                  and images.dtype == np.float32 and images.shape[1:] == (1, 8, 8))
+            self.send_json(200 if ok else 400,
+                           [dict(label=0, inference_ms=0.1)] * len(images))
         elif self.path == "/predict":
             head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
             msg = BytesParser(policy=default).parsebytes(head + raw)
@@ -60,3 +78,22 @@ def test_command_line_measurements_count_every_request(stand_in):
 def test_percentiles_name_each_quantile_and_are_none_when_empty():
     assert percentiles([1.0, 2.0, 3.0], (50,)) == {"p50_ms": 2.0}
     assert percentiles([], (50, 95)) == {"p50_ms": None, "p95_ms": None}
+
+
+def test_npy_bodies_where_the_service_offers_them():
+    handler = type("NpyStandIn", (_StandIn,), {"npy": True})
+    with serving(handler) as url:
+        result = run(url, requests=6, clients=2, seconds=20, model=None)
+    assert result["form"] == "npy"
+    for lev in result["predict_tensor"]:
+        assert lev["ok"] == 6 and lev["errors"] == 0 and lev["server_inference_p50_ms"] == 0.1
+
+
+def test_light_answer_check_agrees_with_the_full_parse():
+    request = LoadRequest("/predict_tensor", b"", images=2)
+    good = json.dumps([dict(label=1, inference_ms=0.25), dict(label=2, inference_ms=0.25)])
+    compact = good.replace(" ", "").encode()
+    for body in (good.encode(), compact):
+        assert _check_answer(body, request) == {"inference_ms": 0.25}
+    for bad in (compact[:-1], compact.replace(b'"label":2,', b""), b'{"error": "x"}'):
+        assert _check_answer(bad, request) is None
