@@ -21,12 +21,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers.base import LipschitzConv2d
-from models.ops import bjorck
-from models.plain import CircularConv2d, circular_pad
+from models.ops import bjorck, circular_conv2d
+from models.plain import CircularConv2d
 from models.registry import register_method
 
 
@@ -40,30 +39,29 @@ def block_orthogonal_kernel(ortho: torch.Tensor, projectors: torch.Tensor) -> to
     Returns:
         ``(c, c, k, k)`` kernel (``F.conv2d`` layout) of an orthogonal circular convolution.
     """
-    c = ortho.shape[-1]
-    eye = torch.eye(c, dtype=ortho.dtype, device=ortho.device)
-    kernel = ortho[None, None]  # (1, 1, c, c): spatial dims first while we build it
-    for p, r in zip(projectors[0::2], projectors[1::2], strict=True):
-        step = torch.stack(
-            [
-                torch.stack([p @ r, p @ (eye - r)]),
-                torch.stack([(eye - p) @ r, (eye - p) @ (eye - r)]),
-            ]
-        )  # (2, 2, c, c)
-        kernel = _matrix_conv(kernel, step)
+    if len(projectors) == 0:
+        return ortho[:, :, None, None]
+    eye = torch.eye(ortho.shape[-1], dtype=ortho.dtype, device=ortho.device)
+    # Coefficients of z⁰ and z¹ in P + (I−P)z: (k−1, 2, c, c) for the rows and for the columns.
+    rows = torch.stack([projectors[0::2], eye - projectors[0::2]], dim=1)
+    cols = torch.stack([projectors[1::2], eye - projectors[1::2]], dim=1)
+    # All k−1 blocks [[PR, P(I−R)], [(I−P)R, (I−P)(I−R)]] in one batched product: (k−1, 2, 2, c, c).
+    blocks = rows[:, :, None] @ cols[:, None, :]
+    kernel = ortho @ blocks[0]  # (2, 2, c, c): spatial dims first while we build it
+    for block in blocks[1:]:
+        kernel = _matrix_conv(kernel, block)
     return kernel.permute(2, 3, 0, 1)
 
 
 def _matrix_conv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Full 2-D convolution of matrix-valued kernels: ``out[i, j] = Σ a[s, t] @ b[i−s, j−t]``."""
     ka, kb = a.shape[0], b.shape[0]
-    k = ka + kb - 1
-    out = a.new_zeros(k, k, a.shape[-2], b.shape[-1])
-    for s in range(ka):
-        for t in range(ka):
-            # Broadcast one tap of a over all taps of b (a (kb, kb) block of the output).
-            out = out + F.pad(a[s, t] @ b, (0, 0, 0, 0, t, k - kb - t, s, k - kb - s))
-    return out
+    products = a[:, :, None, None] @ b[None, None]  # (ka, ka, kb, kb, c, c): every tap pair
+    # shift[i, s, u] = 1 where s + u = i: the taps that land on output tap i.
+    s, u = torch.arange(ka, device=a.device), torch.arange(kb, device=a.device)
+    out_taps = torch.arange(ka + kb - 1, device=a.device)
+    shift = (s[None, :, None] + u[None, None, :] == out_taps[:, None, None]).to(a.dtype)
+    return torch.einsum("isu,jtv,stuvxy->ijxy", shift, shift, products)
 
 
 class OrthogonalKernelConv2d(LipschitzConv2d):
@@ -79,8 +77,7 @@ class OrthogonalKernelConv2d(LipschitzConv2d):
     orthogonal = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.cached("weight", self.orthogonal_kernel)
-        return F.conv2d(circular_pad(x, self.kernel_size // 2), w, self.bias)
+        return circular_conv2d(x, self.cached("weight", self.orthogonal_kernel), self.bias)
 
     @torch.no_grad()
     def export(self) -> nn.Module:

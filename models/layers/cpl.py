@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers.base import LipschitzConv2d
-from models.ops import power_iteration
+from models.ops import conv_layout, power_iteration, residual_conv
 from models.plain import ResidualConv2d
 from models.registry import register_method
 
@@ -223,7 +223,7 @@ class CPLConv2d(LipschitzConv2d):
     def train_sigma(self) -> torch.Tensor:
         """One power step on the persistent ``u`` (updated); the gradient flows through ``K``."""
         with torch.no_grad():
-            _, u = conv_power_iteration(self.weight, self.u, 1)
+            _, u = conv_power_iteration(self.weight, conv_layout(self.u), 1)
             self.u.copy_(u)
         # The fresh ``u``, not the buffer: autograd saves it, and the buffer changes next call.
         return F.conv2d(u, self.weight, padding=self.kernel_size // 2).norm()
@@ -241,10 +241,8 @@ class CPLConv2d(LipschitzConv2d):
             self._prepare_vector(x)
             scale = 2.0 / self.train_sigma().square().clamp_min(1e-12)
         else:
-            scale = self.cached("scale", self._eval_scale).view(1, -1, 1, 1)
-        p = self.kernel_size // 2
-        h = F.relu(F.conv2d(x, self.weight, self.bias, padding=p))
-        return x - scale * F.conv_transpose2d(h, self.weight, padding=p)
+            scale = self.cached("scale", self._eval_scale)
+        return residual_conv(x, self.weight, self.bias, scale)
 
     @torch.no_grad()
     def export(self) -> nn.Module:

@@ -23,11 +23,10 @@ Inference: :class:`models.plain.ResidualConv2d` with ``scale = t`` (computed in 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers.base import LipschitzConv2d
-from models.ops import kernel_gram
+from models.ops import kernel_gram, residual_conv
 from models.plain import ResidualConv2d
 from models.registry import register_method
 
@@ -96,9 +95,7 @@ class SLLConv2d(LipschitzConv2d):
             t = self.rescaling()
         else:
             t = self.cached("t", self._eval_rescaling)
-        p = self.kernel_size // 2
-        h = F.relu(F.conv2d(x, self.weight, self.bias, padding=p)) * t.view(1, -1, 1, 1)
-        return x - F.conv_transpose2d(h, self.weight, padding=p)
+        return residual_conv(x, self.weight, self.bias, t)
 
     @torch.no_grad()
     def export(self) -> nn.Module:
