@@ -6,19 +6,27 @@ The kernel ``L = ½(W − flip(Wᵀ))`` (``W`` transposed over its channel dims 
 makes the zero-padded convolution with ``L`` exactly skew-symmetric as a matrix, on every map
 size, so ``exp(L)`` is orthogonal. ``L`` is rescaled to ``correction · L / bound`` and the layer is
 the truncated exponential ``y = Σ_{i=0}^{T} Lⁱx / i! + b`` (Horner form), ``T = train_terms`` (6) in
-training and ``eval_terms`` (12) at evaluation and export.
+training and ``eval_terms`` at evaluation and export: by default the fewest terms whose
+truncation error ``‖exp(L) − p_T(L)‖ ≤ a^{T+1}/(T+1)! · e^a`` is at most
+:data:`TRUNCATION_TOL` (1e-4) at the guaranteed norm ``a`` of ``L`` (below): 6 for ``k > 1``
+(``a = 0.7``), 7 for ``k = 1``, 12 with ``bound="paper"``. ``a`` is the a-priori bound, not
+the weights' norm, so the exported graph follows from the configuration alone (the artifact's
+structure check rebuilds it from the config); the audit then bounds the exported polynomial
+itself, ``max_{|λ|≤‖L‖} |p_T(iλ)|`` at the audited norm
+(:func:`certify.rules.exp_polynomial_bound`), so the truncation error is inside the
+audited Lipschitz bound (about ``1 + 3e-5`` at ``T = 6``).
 
 The bound (``bound="sound"``, the default) is an upper bound of ``‖conv(L)‖₂`` for every map size:
 the minimum of Singla & Feizi's "Fantastic Four" bound ``√(hw) · min_i ‖R_i‖₂`` over the four
 reshapes ``R_i`` of the kernel (ICLR 2021, arXiv:2012.01580) and the Gershgorin bound
 ``√(max_a Σ_b Σ_shifts |LᵀL|_ab)`` on the Gram kernel. So ``‖L‖₂ ≤ 0.7`` (``k > 1``; ``1.0`` for
 ``k = 1``, where the bound is exact) and the truncation error at 12 terms is below
-``0.7¹³/13! · e^0.7 < 1e-11``: all singular values of the exported layer are 1 to float rounding.
+``0.7¹³/13! · e^0.7 < 1e-11`` (6 terms, the default: ``< 4e-5``).
 
 Departure from the paper: its code divides by ``min_i ‖R_i‖₂`` *without* the ``√(hw)`` factor,
 which is not an upper bound (we measured ``‖L‖ ≈ 2 · min_i ‖R_i‖`` for random 3×3 kernels): its
 effective ``‖L‖`` is up to ``0.7 · k``. ``bound="paper"`` reproduces that scaling (then only
-``‖L‖ ≤ 0.7·k = 2.1`` holds, and 12 terms still give an error below 3e-6).
+``‖L‖ ≤ 0.7·k = 2.1`` holds, and its default 12 terms give an error below 3e-5).
 Approximation: in training the ``‖R_i‖₂`` are power-iteration estimates (one step per forward on
 persistent vectors, as in the paper's code); evaluation and export use their exact values (SVD
 in float64 of the small reshaped matrices), so the guarantee above is for eval / export.
@@ -41,6 +49,20 @@ from models.registry import register_method
 from models.soc_fast import conv_exponential, resolve_grad_mode
 
 BOUNDS = ("sound", "paper")
+#: Largest truncation error ``‖exp(L) − p_T(L)‖₂`` the default number of evaluation terms allows.
+TRUNCATION_TOL = 1e-4
+#: Most evaluation terms the default chooses.
+MAX_EVAL_TERMS = 12
+
+
+def taylor_terms(norm: float, tol: float = TRUNCATION_TOL, max_terms: int = MAX_EVAL_TERMS) -> int:
+    """Fewest ``T`` with ``Σ_{i>T} aⁱ/i! ≤ a^{T+1}/(T+1)! · eᵃ ≤ tol`` (``a = norm``), at most
+    ``max_terms``. The remainder bound: ``Σ_{j≥0} a^{T+1+j}/(T+1+j)! ≤ a^{T+1}/(T+1)! · Σ aʲ/j!``.
+    """
+    for terms in range(1, max_terms):
+        if norm ** (terms + 1) / math.factorial(terms + 1) * math.exp(norm) <= tol:
+            return terms
+    return max_terms
 
 
 def skew_kernel(weight: torch.Tensor) -> torch.Tensor:
@@ -108,7 +130,9 @@ class SOCConv2d(LipschitzConv2d):
         kernel_size: odd kernel size.
         bias: learned bias added after the exponential.
         train_terms: Taylor terms in training (the paper: 5-6).
-        eval_terms: Taylor terms at evaluation and export (the paper: 12-15).
+        eval_terms: Taylor terms at evaluation and export (the paper: 12-15); None (default):
+            :func:`taylor_terms` at the guaranteed norm of ``L`` (``correction``, or
+            ``correction · k`` with ``bound="paper"``), so the truncation error is <= 1e-4.
         correction: target norm of ``L``; default 0.7 for ``k > 1`` and 1.0 for ``k = 1``.
         bound: ``"sound"`` (default) or ``"paper"``, see the module docstring.
         init_iters: power-iteration steps that initialize the persistent vectors.
@@ -132,14 +156,17 @@ class SOCConv2d(LipschitzConv2d):
         *,
         bias: bool = True,
         train_terms: int = 6,
-        eval_terms: int = 12,
+        eval_terms: int | None = None,
         correction: float | None = None,
         bound: str = "sound",
         init_iters: int = 50,
         fast_grad: bool | str = False,
     ) -> None:
         super().__init__(channels, kernel_size, bias=bias)
-        for name, value in (("train_terms", train_terms), ("eval_terms", eval_terms)):
+        terms = {"train_terms": train_terms, "eval_terms": eval_terms}
+        for name, value in terms.items():
+            if value is None and name == "eval_terms":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if bound not in BOUNDS:
@@ -148,8 +175,11 @@ class SOCConv2d(LipschitzConv2d):
         if not 0 < correction <= 1:
             raise ValueError(f"correction must be in (0, 1], got {correction!r}")
         self.fast_grad = fast_grad  # validated by the property setter
-        self.train_terms, self.eval_terms = train_terms, eval_terms
         self.correction, self.bound = float(correction), bound
+        if eval_terms is None:
+            norm = self.correction * (kernel_size if bound == "paper" else 1)
+            eval_terms = taylor_terms(norm)
+        self.train_terms, self.eval_terms = train_terms, eval_terms
         self.weight = nn.Parameter(torch.randn(channels, channels, kernel_size, kernel_size))
         self.weight.data /= math.sqrt(channels)
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
