@@ -23,8 +23,8 @@ Init: identity on the first ``r`` channels (``V[i, i, centre] = 1``, the referen
 ``id_init``), so ``W`` starts as the fixed reflection ``diag(−I_r, I_{c−r})``; bias uniform in
 ``±1/√(r k²)`` as the reference.
 Arithmetic: complex64 in training (complex128 when the layer is double); export in complex128.
-Inference: :class:`models.plain.FourierConv2d` with ``pad = p`` at a fixed size (real DFT matmuls;
-ONNX has no complex FFT), whose ``lipschitz_upper_bound`` covers the zero pad and the crop.
+Inference: :class:`models.plain.FourierConv2d` with ``pad = p`` at a fixed size (real DFT GEMMs, the
+zero pad and the crop folded into the DFT matrices), whose ``lipschitz_upper_bound`` covers both.
 
 Departures: the reference regularizes with ``δ = 1e-5 · mean diag`` only; we add a floor
 (``√tiny``) so that a frequency where ``V̂ = 0`` gives ``W = I`` instead of a singular solve.

@@ -16,8 +16,8 @@ Padding: zero padding ``p = k // 2``, then circular convolution on ``N × N``, t
 ``n × n`` (the paper's code). ``kernel_size=1`` needs no padding: one orthogonal matrix.
 Arithmetic: complex64 (complex128 when the layer is double); never half precision.
 Init: Dirac (identity), as the reference code.
-Inference: :class:`models.plain.FourierConv2d` with ``pad = p`` at a fixed size, or a plain 1×1
-convolution for ``kernel_size=1``.
+Inference: :class:`models.plain.FourierConv2d` with ``pad = p`` (folded into its DFT matrices) at a
+fixed size, or a plain 1×1 convolution for ``kernel_size=1``.
 """
 
 from __future__ import annotations
