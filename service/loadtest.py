@@ -22,6 +22,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
@@ -84,6 +85,93 @@ def _post(
     conn.request("POST", path, body=body, headers={"Content-Type": content_type})
     resp = conn.getresponse()
     return resp.status, resp.read()
+
+
+class KeepAliveClient:
+    """One keep-alive HTTP/1.1 connection that sends a prebuilt request again and again.
+
+    The load generator shares the machine with the server, so its own cost per request is kept
+    to a send and a read: the request bytes are built once (:func:`raw_request`) and the answer
+    is read with a buffered reader (status line, headers, a ``Content-Length`` or chunked body),
+    where ``http.client`` would build the request and parse the headers with ``email`` each time.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.address = (host, port)
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.reader: Any = None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.reader.close()
+            self.sock.close()
+        self.sock = self.reader = None
+
+    def send(self, raw: bytes) -> tuple[int, bytes]:
+        """``(status, body)`` of one request; OSError or ValueError when the exchange fails
+        (the connection is then closed, and the next call opens another)."""
+        try:
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address, timeout=self.timeout)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.reader = self.sock.makefile("rb")
+            self.sock.sendall(raw)
+            return self._answer()
+        except (OSError, ValueError):
+            self.close()
+            raise
+
+    def _answer(self) -> tuple[int, bytes]:
+        status_line = self.reader.readline(_MAX_LINE)
+        if not status_line:
+            raise ConnectionResetError("the server closed the connection")
+        version, status_text = status_line.split(None, 2)[:2]
+        status = int(status_text)
+        # HTTP/1.0 closes after each answer unless it says keep-alive
+        length, chunked, close = None, False, version == b"HTTP/1.0"
+        while (line := self.reader.readline(_MAX_LINE)) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                close = b"close" in value.lower() or (close and b"keep-alive" not in value.lower())
+        if chunked:
+            body = b"".join(iter(self._chunk, b""))
+        elif length is not None:
+            body = self.reader.read(length)
+            if len(body) != length:
+                raise ConnectionResetError("the answer ended early")
+        else:
+            body, close = self.reader.read(), True
+        if close:
+            self.close()
+        return status, body
+
+    def _chunk(self) -> bytes:
+        size = int(self.reader.readline(_MAX_LINE).split(b";")[0], 16)
+        if size == 0:  # the last chunk: trailers, up to the blank line
+            while self.reader.readline(_MAX_LINE) not in (b"\r\n", b"\n", b""):
+                pass
+            return b""
+        data = self.reader.read(size + 2)  # the chunk and its CRLF
+        if len(data) != size + 2:
+            raise ConnectionResetError("the answer ended inside a chunk")
+        return data[:size]
+
+
+_MAX_LINE = 65536
+
+
+def raw_request(host: str, port: int, request: LoadRequest) -> bytes:
+    """The bytes of ``request`` as an HTTP/1.1 POST (keep-alive)."""
+    head = (f"POST {request.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: {request.content_type}\r\nContent-Length: {len(request.body)}\r\n"
+            "\r\n")
+    return head.encode("latin-1") + request.body
 
 
 def list_models(url: str, timeout: float = 10.0) -> dict[str, Any] | None:
@@ -182,18 +270,18 @@ def run_level(
         with lock:
             errors[kind] = errors.get(kind, 0) + 1
 
+    raw = raw_request(host, port, request)
+
     def worker() -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = KeepAliveClient(host, port, timeout)
         check = _parse_answer  # the first answer in full, then the light check
         try:
             while ticket():
                 t0 = time.perf_counter()
                 try:
-                    status, data = _post(conn, request.path, request.body, request.content_type)
-                except (OSError, http.client.HTTPException) as err:
+                    status, data = conn.send(raw)
+                except (OSError, ValueError) as err:  # closed: reconnects on the next request
                     error(type(err).__name__)
-                    conn.close()  # reconnect on the next request
-                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
                     continue
                 dt = time.perf_counter() - t0
                 if status != 200:

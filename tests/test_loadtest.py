@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.loadtest import LoadRequest, _check_answer, percentiles, run
+from service.loadtest import (
+    KeepAliveClient,
+    LoadRequest,
+    _check_answer,
+    percentiles,
+    raw_request,
+    run,
+)
 from tests.http_stand_in import JSONHandler, serving
 
 
@@ -97,3 +104,36 @@ def test_light_answer_check_agrees_with_the_full_parse():
         assert _check_answer(body, request) == {"inference_ms": 0.25}
     for bad in (compact[:-1], compact.replace(b'"label":2,', b""), b'{"error": "x"}'):
         assert _check_answer(bad, request) is None
+
+
+class _Chunked(JSONHandler):
+    """HTTP/1.1 keep-alive answers: chunked for /chunked, Content-Length otherwise."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (raw[:3], raw[3:], b""):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        else:
+            self.send_json(201, {"echo": raw.decode()})
+
+
+def test_keep_alive_client_reads_chunked_and_sized_answers_on_one_connection():
+    with serving(_Chunked) as url:
+        host, port = url.removeprefix("http://").split(":")
+        client = KeepAliveClient(host, int(port), timeout=10)
+        try:
+            for _ in range(3):
+                chunked = raw_request(host, int(port), LoadRequest("/chunked", b"hello world"))
+                assert client.send(chunked) == (200, b"hello world")
+                sized = raw_request(host, int(port), LoadRequest("/sized", b"abc"))
+                assert client.send(sized) == (201, b'{"echo": "abc"}')
+            first = client.sock
+            assert first is not None and client.send(sized)[0] == 201 and client.sock is first
+        finally:
+            client.close()
