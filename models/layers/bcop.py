@@ -42,9 +42,9 @@ def block_orthogonal_kernel(ortho: torch.Tensor, projectors: torch.Tensor) -> to
     if len(projectors) == 0:
         return ortho[:, :, None, None]
     eye = torch.eye(ortho.shape[-1], dtype=ortho.dtype, device=ortho.device)
-    # Coefficients of z⁰ and z¹ in P + (I−P)z: (k−1, 2, c, c) for the rows and for the columns.
-    rows = torch.stack([projectors[0::2], eye - projectors[0::2]], dim=1)
-    cols = torch.stack([projectors[1::2], eye - projectors[1::2]], dim=1)
+    # Coefficients of z⁰ and z¹ in P + (I−P)z: (2(k−1), 2, c, c), rows and columns alternating.
+    coeffs = torch.stack([projectors, eye - projectors], dim=1)
+    rows, cols = coeffs[0::2], coeffs[1::2]
     # All k−1 blocks [[PR, P(I−R)], [(I−P)R, (I−P)(I−R)]] in one batched product: (k−1, 2, 2, c, c).
     blocks = rows[:, :, None] @ cols[:, None, :]
     kernel = ortho @ blocks[0]  # (2, 2, c, c): spatial dims first while we build it
@@ -109,7 +109,6 @@ class BCOPConv2d(OrthogonalKernelConv2d):
         for m in mats:
             nn.init.orthogonal_(m, gain=1 / math.sqrt(channels))
         self.matrices = nn.Parameter(mats)
-        self.register_buffer("rank_mask", (torch.arange(channels) < channels // 2).float(), False)
         self.bias = None
         if bias:
             bound = 1 / math.sqrt(channels)
@@ -118,6 +117,6 @@ class BCOPConv2d(OrthogonalKernelConv2d):
     def orthogonal_kernel(self, matrices: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(c, c, k, k)`` orthogonal kernel (recomputed: gradients flow)."""
         ortho = bjorck(self.matrices if matrices is None else matrices, iters=self.bjorck_iters)
-        half = ortho[1:] * self.rank_mask.to(ortho.dtype)  # keep ⌊c/2⌋ columns
+        half = ortho[1:, :, : self.channels // 2]  # the first ⌊c/2⌋ columns
         projectors = half @ half.transpose(-1, -2)
         return block_orthogonal_kernel(ortho[0], projectors)
