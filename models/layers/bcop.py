@@ -13,6 +13,10 @@ orthogonal matrix ``H``, the other ``2(k − 1)`` give symmetric projectors ``P 
 the unit circle); ``k − 1`` of them are combined by matrix convolution and multiplied by ``H``.
 ``kernel_size=1`` is just ``H`` (the paper's orthogonal linear layer).
 Padding: circular, ``k // 2``.
+Training: the kernel is rebuilt every step (Björck as one autograd node, all 2×2 blocks in one
+batched product) and applied by :func:`models.ops.circular_conv2d` (the circular pad written once,
+``channels_last`` on CPU); the same map and gradients as the plain loop, about 0.6× the comparison
+paper's training step (``python -m bench reference``, docs/bench.md).
 Inference: one plain circular convolution with the kernel computed in float64.
 """
 
@@ -68,7 +72,8 @@ class OrthogonalKernelConv2d(LipschitzConv2d):
     """A circular convolution whose k×k kernel is built orthogonal from ``self.matrices``.
 
     Subclasses (BCOP, AOC) define ``orthogonal_kernel(matrices=None)`` and ``bjorck_iters``;
-    training convolves with the recomputed kernel (cached in eval mode), inference is one plain
+    training convolves (:func:`models.ops.circular_conv2d`; the output is ``channels_last`` on
+    CPU) with the recomputed kernel (cached in eval mode), inference is one plain
     :class:`CircularConv2d` with the kernel computed once in float64.
     """
 

@@ -30,6 +30,8 @@ Guarantee: 1-Lipschitz at evaluation / export up to that numerical maximization;
 only approximately (the estimate lags ``‖K‖`` by about 1 % after a step).
 Padding: zero (``conv2d`` and its exact adjoint ``conv_transpose2d`` with the same padding).
 Init: Xavier-normal kernel, bias uniform in ``±1/√fan_in`` (as the comparison paper's code).
+Training form: :func:`models.ops.residual_conv` (the same map, the scale folded into the transposed
+convolution's kernel; ``channels_last`` on CPU).
 Inference: :class:`models.plain.ResidualConv2d` with the constant ``scale = 2/σ²`` (float64 σ).
 """
 

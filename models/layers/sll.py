@@ -17,6 +17,8 @@ Padding: zero (``conv2d`` and its exact adjoint ``conv_transpose2d`` with the sa
 Parametrization: ``q = exp(log_q)`` (positive by construction; the reference code uses ``|q|``);
 ``log_q`` starts at 0, i.e. ``q = 1`` and the layer starts as the AOL-style bound. Kernel init:
 Xavier-normal; bias: uniform in ``±1/√fan_in``, as in the reference code.
+Training form: :func:`models.ops.residual_conv` (the same map, ``t`` folded into the transposed
+convolution's kernel; ``channels_last`` on CPU).
 Inference: :class:`models.plain.ResidualConv2d` with ``scale = t`` (computed in float64).
 """
 
