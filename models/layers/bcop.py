@@ -48,11 +48,12 @@ def block_orthogonal_kernel(ortho: torch.Tensor, projectors: torch.Tensor) -> to
     eye = torch.eye(ortho.shape[-1], dtype=ortho.dtype, device=ortho.device)
     # Coefficients of z⁰ and z¹ in P + (I−P)z: (2(k−1), 2, c, c), rows and columns alternating.
     coeffs = torch.stack([projectors, eye - projectors], dim=1)
-    rows, cols = coeffs[0::2], coeffs[1::2]
+    # (unbind and split, not indexing: their backward is one stack or cat, not zeros + copy each)
+    rows, cols = coeffs.unflatten(0, (-1, 2)).unbind(1)  # (k−1, 2, c, c) each
     # All k−1 blocks [[PR, P(I−R)], [(I−P)R, (I−P)(I−R)]] in one batched product: (k−1, 2, 2, c, c).
-    blocks = rows[:, :, None] @ cols[:, None, :]
-    kernel = ortho @ blocks[0]  # (2, 2, c, c): spatial dims first while we build it
-    for block in blocks[1:]:
+    first, *others = (rows[:, :, None] @ cols[:, None, :]).unbind(0)
+    kernel = ortho @ first  # (2, 2, c, c): spatial dims first while we build it
+    for block in others:
         kernel = _matrix_conv(kernel, block)
     return kernel.permute(2, 3, 0, 1)
 
@@ -122,6 +123,6 @@ class BCOPConv2d(OrthogonalKernelConv2d):
     def orthogonal_kernel(self, matrices: torch.Tensor | None = None) -> torch.Tensor:
         """The ``(c, c, k, k)`` orthogonal kernel (recomputed: gradients flow)."""
         ortho = bjorck(self.matrices if matrices is None else matrices, iters=self.bjorck_iters)
-        half = ortho[1:, :, : self.channels // 2]  # the first ⌊c/2⌋ columns
-        projectors = half @ half.transpose(-1, -2)
-        return block_orthogonal_kernel(ortho[0], projectors)
+        h, rest = ortho.split([1, len(ortho) - 1])
+        half = rest[..., : self.channels // 2]  # the first ⌊c/2⌋ columns
+        return block_orthogonal_kernel(h[0], half @ half.transpose(-1, -2))
