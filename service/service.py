@@ -19,12 +19,14 @@ store), ``LIPCERT_MAX_UPLOAD_BYTES`` (8 MiB), ``LIPCERT_MAX_PIXELS`` (2²²),
 ``LIPCERT_MAX_REQUEST_BYTES`` (32 MiB), ``LIPCERT_INFLIGHT_BYTES`` (64 MiB of large bodies in
 flight per worker) and ``LIPCERT_BODY_TIMEOUT_S`` (30 s to send a body; see
 ``service.middleware``), ``LIPCERT_BOUND_TOLERANCE`` (0.01), ``LIPCERT_PROVIDERS``,
-``LIPCERT_ORT_THREADS``, ``LIPCERT_PROFILE_RUNS`` (see ``service.loader``).
+``LIPCERT_ORT_THREADS``, ``LIPCERT_PROFILE_RUNS`` (see ``service.loader``); ``LIPCERT_WORKERS``,
+``LIPCERT_API_THREADS``, ``LIPCERT_MAX_BATCH``, ``LIPCERT_MAX_LATENCY_MS`` (below).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -99,7 +101,8 @@ def _env_workers(default: int | str) -> int | str:
 MAX_BATCH_SIZE = _env_int("LIPCERT_MAX_BATCH", 64)
 MAX_LATENCY_MS = _env_int("LIPCERT_MAX_LATENCY_MS", 1000)
 #: Worker processes (``LIPCERT_WORKERS``; BentoML's ``services.lipcert.workers`` wins): each
-#: has its own event loop, batcher and sessions, and loads (re-audits) every model itself.
+#: has its own event loop, batcher and sessions, and loads (re-audits) every model itself. With
+#: more than one, each session gets one ONNX Runtime thread unless ``LIPCERT_ORT_THREADS`` says.
 WORKERS = _env_workers(1)
 #: Threads per worker for the synchronous APIs and the batch runs (``LIPCERT_API_THREADS``):
 #: ONNX Runtime releases the GIL, so a run overlaps the event loop's HTTP work.
@@ -135,6 +138,9 @@ class LipCert(_BentoModelReferences):
             max_pixels=_env_int("LIPCERT_MAX_PIXELS", ImageLimits.max_pixels),
         )
         options = LoadOptions.from_env(profile_batch=MAX_BATCH_SIZE)
+        if WORKERS != 1 and "LIPCERT_ORT_THREADS" not in os.environ:
+            # workers share the cores: one thread each, none spinning beside the others' loops
+            options = dataclasses.replace(options, intra_op_threads=1)
         try:
             bento = getattr(LipCert, "bento", None)  # set when serving a built bento
             sources = bento_sources(bento) if bento is not None else discover()
