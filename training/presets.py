@@ -25,7 +25,7 @@ _CPU_SIZE_SWEEPS = (
     "docs/results/cpu_fashion_mnist_xs_10m.jsonl) and at xxs (all ten and Standard, "
     "docs/results/cpu_fashion_mnist_xxs_10m.jsonl): OMP_NUM_THREADS=2 python -m training "
     "--method all --size {xs,xxs} --dataset fashion-mnist --budget 10m --no-store. xxs won for "
-    "every method run at both sizes (CRA@36/255 +2.3 to +7.1 points, 1.8-3.4x the epochs); "
+    "every method run at both sizes (CRA@36/255 +2.9 to +7.1 points, 1.8-3.4x the epochs); "
     "AOC, BRO and Sandwich were run at xxs only. Shorter budgets: AOL xxs 3 min 75.4 % / 68.5 % "
     "against AOL xs 4 min 71.5 % / 62.1 % (training/config.py)"
 )
