@@ -19,6 +19,7 @@ algorithm (see ``shared/METHODS.md``), in the paper's notation, keeping the lead
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +27,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.layers.soc import SOCConv2d
+
 # Inner-iteration counts the formulas assume (the layer defaults of METHODS.md).
 BCOP_BJORCK_ITERS = 20
 LOT_NEWTON_SCHULZ_ITERS = 10
 SOC_TRAIN_TERMS = 6
-SOC_EVAL_TERMS = 12
+
+
+@functools.cache
+def soc_eval_terms(kernel_size: int) -> int:
+    """The Taylor terms SOC evaluates and exports by default for ``kernel_size`` (the layer's
+    own choice: the fewest terms with truncation error <= 1e-4 at its guaranteed norm)."""
+    return SOCConv2d(1, kernel_size).eval_terms
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ def _lot_n(s: int, k: int) -> int:
     return s + 2 * (k // 2)
 
 
-_T, _TN, _TS, _TE = BCOP_BJORCK_ITERS, LOT_NEWTON_SCHULZ_ITERS, SOC_TRAIN_TERMS, SOC_EVAL_TERMS
+_T, _TN, _TS = BCOP_BJORCK_ITERS, LOT_NEWTON_SCHULZ_ITERS, SOC_TRAIN_TERMS
 
 FORMULAS: dict[str, CostFormula] = {
     "standard": CostFormula(
@@ -133,10 +142,11 @@ FORMULAS: dict[str, CostFormula] = {
         lambda b, s, c, k: _mem(b, s, c, k) + b * s * s * c,
     ),
     "soc": CostFormula(
-        f"T·C (T={_TS})", f"T·bs²c + c²k² (T={_TS})", f"T·C (T={_TE})", "M + bs²c",
+        f"T·C (T={_TS})", f"T·bs²c + c²k² (T={_TS})",
+        f"T·C (T={soc_eval_terms(3)} at k=3, {soc_eval_terms(1)} at k=1)", "M + bs²c",
         lambda b, s, c, k: _TS * _conv(b, s, c, k),
         lambda b, s, c, k: _TS * b * s * s * c + c * c * k * k,
-        lambda b, s, c, k: _TE * _conv(b, s, c, k),
+        lambda b, s, c, k: soc_eval_terms(k) * _conv(b, s, c, k),
         lambda b, s, c, k: _mem(b, s, c, k) + b * s * s * c,
     ),
 }
