@@ -15,7 +15,7 @@ the unit circle); ``k − 1`` of them are combined by matrix convolution and mul
 Padding: circular, ``k // 2``.
 Training: the kernel is rebuilt every step (Björck as one autograd node, all 2×2 blocks in one
 batched product) and applied by :func:`models.ops.circular_conv2d` (the circular pad written once,
-``channels_last`` on CPU); the same map and gradients as the plain loop, about 0.6× the comparison
+``channels_last`` on CPU); the same map and gradients as the plain loop, 0.6–0.7× the comparison
 paper's training step (``python -m bench reference``, docs/bench.md).
 Inference: one plain circular convolution with the kernel computed in float64.
 """
