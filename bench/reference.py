@@ -155,11 +155,13 @@ def run_reference(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     load_reference_package(reference_dir)
-    torch.set_num_threads(threads)
     shape = dict(batch=batch, channels=channels, size=size, kernel=kernel)
-    rows = [
-        compare_method(m, **shape, repeats=repeats, warmup=warmup) for m in methods
-    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = [compare_method(m, **shape, repeats=repeats, warmup=warmup) for m in methods]
+    finally:  # the caller's thread count (a test run in the same process trains afterwards)
+        torch.set_num_threads(before)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(shape, repeats=repeats, warmup=warmup, threads=threads,
                 reference_dir=str(reference_dir), torch=torch.__version__)
