@@ -382,7 +382,8 @@ def test_e2e_page_in_chromium_shows_the_predict_answer(
 
         # 4. the models view: a table row per served model, a line per model in the plot
         page.click("#nav-models")
-        assert page.locator("#models-view").is_visible()
+        page.locator("#models-view").wait_for(state="visible", timeout=30_000)  # hash routing
+        page.locator("#models-table tbody tr").nth(1).wait_for(timeout=30_000)
         assert page.locator("#models-table tbody tr").count() == 2
         # only the model whose report recorded accuracies has a line
         lines = page.locator("#cra-plot svg polyline")
