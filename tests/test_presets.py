@@ -62,3 +62,20 @@ def test_gpu_rows_differ_from_cpu_rows_and_every_row_names_its_evidence() -> Non
     for row in PRESETS:
         assert row.evidence and set(row.methods) <= set(list_methods())
         assert set(row.by_method) <= set(row.methods)
+
+
+def test_per_method_rows_fill_only_their_methods() -> None:
+    configs = {
+        c.method: c
+        for c in _configs(
+            "--method", "all", "--dataset", "fashion-mnist", "--budget", "3m", "--device", "cpu"
+        )
+    }
+    assert configs["cpl"].head == configs["sll"].head == "lln"
+    assert configs["aol"].head == configs["lot"].head == "linear"
+    assert configs["lot"].lr == 4e-2 and configs["aol"].lr is None
+    (flagged,) = _configs(
+        "--method", "sll", "--dataset", "fashion-mnist", "--budget", "3m", "--device", "cpu",
+        "--head", "linear",
+    )
+    assert flagged.head == "linear" and flagged.preset is not None  # the size still came from it

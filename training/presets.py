@@ -29,6 +29,15 @@ _CPU_SIZE_SWEEPS = (
     "AOC, BRO and Sandwich were run at xxs only. Shorter budgets: AOL xxs 3 min 75.4 % / 68.5 % "
     "against AOL xs 4 min 71.5 % / 62.1 % (training/config.py)"
 )
+_CPU_LEVERS = (
+    "3-minute pairs on the 2-core CPU, two one-thread runs side by side, xxs, Fashion-MNIST "
+    "(docs/training.md, 'Levers'; docs/results/cpu_fashion_mnist_levers_3m.jsonl): "
+    "OMP_NUM_THREADS=1 python -m training --method M --dataset fashion-mnist --budget 3m "
+    "[--head lln | --lr 4e-2]. Clean % / CRA@36/255 %: SLL linear 75.4/63.8 (generic "
+    "certificate), lln 78.6/70.4; CPL linear 77.5/67.3, lln 78.5/70.5; LOT lr 2e-2 74.8/65.5, "
+    "4e-2 76.0/67.2; AOL linear 78.0/71.3, lln 78.2/71.3 (no gain where the method's own head "
+    "already gives the linear-head certificate, so only CPL and SLL take lln)"
+)
 _GPU_SWEEP = (
     "the H100 3-minute sweep at size xs (README, docs/results/gpu_h100_fashion_mnist_xs_3m.jsonl): "
     "AOL xs 80.0 % clean / 73.3 % CRA@36/255 in 3 minutes against AOL xxs 79.3 / 72.4 in 2 "
@@ -88,7 +97,8 @@ PRESETS: tuple[Preset, ...] = (
         max_budget_s=600.0,
         methods=_ALL,
         settings={"size": "xxs"},
-        evidence=_CPU_SIZE_SWEEPS,
+        by_method={"cpl": {"head": "lln"}, "sll": {"head": "lln"}, "lot": {"lr": 4e-2}},
+        evidence=f"{_CPU_SIZE_SWEEPS}; {_CPU_LEVERS}",
     ),
     Preset(
         name="cuda-fmnist-3m",
