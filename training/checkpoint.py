@@ -75,8 +75,10 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: LoopState,
+    average: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``run_dir/checkpoint.pt`` through a temporary file (never half-written)."""
+    """Write ``run_dir/checkpoint.pt`` through a temporary file (never half-written).
+    ``average``: the run's weight average (:class:`training.averaging.WeightAverage` state)."""
     path = run_dir / CHECKPOINT
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(
@@ -85,6 +87,7 @@ def save_checkpoint(
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             state=asdict(state),
+            **({} if average is None else {"average": average}),
         ),
         tmp,
     )

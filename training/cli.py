@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--curvature-weight", type=float, help="CRC-Lip curvature regularizer weight (default 0)"
     )
     p.add_argument(
+        "--ema", type=float, metavar="DECAY",
+        help="evaluate and export an EMA of the weights with this per-step decay (e.g. 0.999)",
+    )
+    p.add_argument(
         "--layer-option", action="append", metavar="KEY=VALUE",
         help="extra option of every conv layer, e.g. fast_grad=exact for SOC (repeatable)",
     )
@@ -181,6 +185,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         given["pool"] = None if args.pool.strip().lower() == "none" else args.pool.strip().lower()
     if args.curvature_weight is not None:
         given["curvature_weight"] = args.curvature_weight
+    if args.ema is not None:
+        given["ema_decay"] = args.ema
     if args.layer_option:
         given["layer_options"] = _layer_options(args.layer_option)
     return given

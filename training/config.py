@@ -189,6 +189,9 @@ class TrainConfig:
             ``models.activations.ACTIVATIONS``, None or ``models.pooling.POOLS``).
         curvature_weight: weight of the CRC-Lip head's curvature regularizer
             (:meth:`models.heads.CRCHead.curvature_penalty`); only with ``head="crc"``.
+        ema_decay: per-step decay of an exponential moving average of the weights
+            (:mod:`training.averaging`) that is evaluated, exported and audited at the end
+            instead of the last weights; None: no average.
         layer_options: extra keyword arguments of every convolution layer (e.g. SOC's
             ``fast_grad``), validated by the layer itself.
         preset: name of the :data:`training.presets.PRESETS` row that filled in the fields not
@@ -227,6 +230,7 @@ class TrainConfig:
     activation: str = "maxmin"
     pool: str | None = None
     curvature_weight: float = 0.0
+    ema_decay: float | None = None
     layer_options: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
 
@@ -254,6 +258,8 @@ class TrainConfig:
             )
         if self.curvature_weight > 0 and self.head != "crc":
             raise ValueError(f"curvature_weight applies to head 'crc' only, not {self.head!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
         object.__setattr__(self, "layer_options", dict(self.layer_options or {}))
         check_layer_options(self.method, self.layer_options)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from data import Dataset, load_dataset
 from models import create_model
+from training.averaging import WeightAverage
 from training.batches import TrainBatches
 from training.checkpoint import LoopState, load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.config import TrainConfig
@@ -90,6 +91,7 @@ def train(
         reset_peak_memory(device)
         clock, timer = Stopwatch(device, state.elapsed_s), StepTimer()
         guard, cadence = NanGuard(model, optimizer), Cadence(cfg, state.elapsed_s)
+        average = _weight_average(cfg, model, resume)
         window = TrainWindow(device, schedule, batches, state.elapsed_s)
 
         # -- the epochs: one optimizer step per pass, the guard every ``guard_every`` steps --
@@ -119,6 +121,8 @@ def train(
                 _on_divergence(cfg, guard, state, files, elapsed, lr)
             else:
                 guard.accept()
+                if average is not None:
+                    average.update(state.step)
                 record = window.record(state, elapsed, lr=lr)
                 if dist.main and progress is not None:
                     progress(record)
@@ -135,7 +139,7 @@ def train(
                     _evaluate(model, data, cfg, device, files, state, elapsed, batches)
                     net.train()
                 if want_checkpoint:
-                    _checkpoint(files, cfg, model, optimizer, state, elapsed)
+                    _checkpoint(files, cfg, model, optimizer, state, elapsed, average)
                 clock.start()
 
         # -- finish: the last window, a final checkpoint, then rank 0 evaluates and publishes --
@@ -145,7 +149,10 @@ def train(
             files.event("train", **window.record(state, state.elapsed_s))
         _keep_last_good_weights(cfg, guard, state)
         environment = _environment(model, device, dist, amp)
-        _checkpoint(files, cfg, model, optimizer, state, state.elapsed_s)
+        _checkpoint(files, cfg, model, optimizer, state, state.elapsed_s, average)
+        if average is not None:  # evaluate, export and audit the average (checkpoint: both)
+            average.update(state.step)
+            average.copy_to_model()
         if not dist.main:
             return RunResult(run_dir)
         report = finish_run(model, data, cfg, files, device, state, batches, environment)
@@ -215,6 +222,20 @@ def _start_or_resume(
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return LoopState.from_dict(ckpt["state"]), resolve_checkpoint(resume).parent
+
+
+def _weight_average(
+    cfg: TrainConfig, model: nn.Module, resume: str | Path | None
+) -> WeightAverage | None:
+    """The run's EMA of the weights (``cfg.ema_decay``), continued from the checkpoint on resume."""
+    if cfg.ema_decay is None:
+        return None
+    average = WeightAverage(model, cfg.ema_decay)
+    if resume is not None:
+        saved = load_checkpoint(resume).get("average")
+        if saved is not None:
+            average.load_state_dict(saved)
+    return average
 
 
 def _open_run_files(
@@ -317,10 +338,12 @@ def _checkpoint(
     optimizer: torch.optim.Optimizer,
     state: LoopState,
     elapsed: float,
+    average: WeightAverage | None = None,
 ) -> None:
     if files.main:
         state.elapsed_s = elapsed
-        save_checkpoint(files.run_dir, cfg.to_dict(), model, optimizer, state)
+        saved = None if average is None else average.state_dict()
+        save_checkpoint(files.run_dir, cfg.to_dict(), model, optimizer, state, saved)
 
 
 def _environment(model: nn.Module, device: torch.device, dist: Dist, amp: bool) -> dict[str, Any]:
