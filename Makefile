@@ -7,8 +7,8 @@ FMNIST  := /usr/share/datasets/fashion-mnist
 
 .PHONY: install data browser test lint serve default-model clean
 
-# The embedded default: a CPU-sized AOL network on Fashion-MNIST, two minutes of training.
-DEFAULT_TRAIN := --method aol --size xxs --dataset fashion-mnist --budget 2m
+# The embedded default: a CPU-sized BCOP network on Fashion-MNIST, two minutes of training.
+DEFAULT_TRAIN := --method bcop --size xxs --dataset fashion-mnist --budget 2m
 PORT ?= 3000
 
 $(STAMP): pyproject.toml

@@ -31,7 +31,7 @@ _CPU_SIZE_SWEEPS = (
 )
 _CPU_LEVERS = (
     "3-minute pairs on the 2-core CPU, two one-thread runs side by side, xxs, Fashion-MNIST "
-    "(docs/training.md, 'Levers'; docs/results/cpu_fashion_mnist_levers_3m.jsonl): "
+    "(docs/training.md, 'Levers'; docs/results/cpu_fashion_mnist_levers.jsonl): "
     "OMP_NUM_THREADS=1 python -m training --method M --dataset fashion-mnist --budget 3m "
     "[--head lln | --lr 4e-2]. Clean % / CRA@36/255 %: SLL linear 75.4/63.8 (generic "
     "certificate), lln 78.6/70.4; CPL linear 77.5/67.3, lln 78.5/70.5; LOT lr 2e-2 74.8/65.5, "
