@@ -82,7 +82,7 @@ def train(
         cfg = cfg.resolved(device.type)
         data = _dataset(cfg, data)
         model, optimizer = _model_and_optimizer(cfg, data, device)
-        state, run_dir = _start_or_resume(cfg, dist, resume, model, optimizer)
+        state, run_dir, saved_average = _start_or_resume(cfg, dist, resume, model, optimizer)
         net = dist.wrap(model, device)
         amp = cfg.amp and device.type == "cuda" and cfg.defaults.amp
         files = _open_run_files(run_dir, cfg, model, dist, device, amp, state.step)
@@ -91,7 +91,7 @@ def train(
         reset_peak_memory(device)
         clock, timer = Stopwatch(device, state.elapsed_s), StepTimer()
         guard, cadence = NanGuard(model, optimizer), Cadence(cfg, state.elapsed_s)
-        average = _weight_average(cfg, model, resume)
+        average = _weight_average(cfg, model, saved_average)
         window = TrainWindow(device, schedule, batches, state.elapsed_s)
 
         # -- the epochs: one optimizer step per pass, the guard every ``guard_every`` steps --
@@ -149,9 +149,10 @@ def train(
             files.event("train", **window.record(state, state.elapsed_s))
         _keep_last_good_weights(cfg, guard, state)
         environment = _environment(model, device, dist, amp)
+        if average is not None:  # the steps after the last accepted window
+            average.update(state.step)
         _checkpoint(files, cfg, model, optimizer, state, state.elapsed_s, average)
         if average is not None:  # evaluate, export and audit the average (checkpoint: both)
-            average.update(state.step)
             average.copy_to_model()
         if not dist.main:
             return RunResult(run_dir)
@@ -214,27 +215,28 @@ def _start_or_resume(
     resume: str | Path | None,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-) -> tuple[LoopState, Path]:
-    """A new run folder and loop state, or the checkpoint's (loaded into model and optimizer)."""
+) -> tuple[LoopState, Path, dict[str, Any] | None]:
+    """A new run folder and loop state, or the checkpoint's (loaded into model and optimizer),
+    with the checkpoint's weight average when it holds one."""
     if resume is None:
-        return LoopState(), make_run_dir(cfg) if dist.main else Path(cfg.out)
+        return LoopState(), make_run_dir(cfg) if dist.main else Path(cfg.out), None
     ckpt = load_checkpoint(resume)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    return LoopState.from_dict(ckpt["state"]), resolve_checkpoint(resume).parent
+    state = LoopState.from_dict(ckpt["state"])
+    return state, resolve_checkpoint(resume).parent, ckpt.get("average")
 
 
 def _weight_average(
-    cfg: TrainConfig, model: nn.Module, resume: str | Path | None
+    cfg: TrainConfig, model: nn.Module, saved: dict[str, Any] | None
 ) -> WeightAverage | None:
-    """The run's EMA of the weights (``cfg.ema_decay``), continued from the checkpoint on resume."""
+    """The run's EMA of the weights (``cfg.ema_decay``), continued from ``saved`` (the resumed
+    checkpoint's) when there is one."""
     if cfg.ema_decay is None:
         return None
     average = WeightAverage(model, cfg.ema_decay)
-    if resume is not None:
-        saved = load_checkpoint(resume).get("average")
-        if saved is not None:
-            average.load_state_dict(saved)
+    if saved is not None:
+        average.load_state_dict(saved)
     return average
 
 
