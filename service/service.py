@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -72,6 +73,7 @@ from service.schemas import (
     tensor_array,
 )
 from service.tensors import tensor_batch
+from service.timeouts import release_timeout_timers
 from service.web import create_web_app
 
 logger = logging.getLogger(__name__)
@@ -157,6 +159,28 @@ class LipCert(_BentoModelReferences):
         self.metrics = get_metrics()
         for model in self.served:
             self.metrics.memory.labels(model.method, model.name).set(model.memory_bytes)
+
+    @bentoml.on_startup
+    def prepare_worker(self) -> None:
+        """Keep garbage-collection pauses off the serving worker's event loop (once per worker,
+        after ``__init__``).
+
+        A full (generation-2) collection stops the worker's event loop, so every request it
+        holds, for as long as it walks the objects the collector tracks. Two heaps made those
+        pauses 0.1–0.5 s every few seconds under load, the 1 % tail at 32 clients
+        (docs/service.md, "Scaling with clients"): BentoML's request-timeout timers, each
+        keeping its request's objects for 60 s (:mod:`service.timeouts`), and the ~0.4 M
+        objects a worker loads (torch, ONNX, the re-audit) and keeps for life, which are
+        collected once here, then frozen out of the collector's sight (``gc.freeze``). Only in
+        a ``bentoml serve`` worker, whose process this is: in process (``to_asgi()``, a test)
+        the objects are someone else's.
+        """
+        release_timeout_timers()
+        if bentoml.server_context.worker_index is not None:
+            gc.collect()
+            gc.freeze()
+            logger.info("lipcert: worker %d: %d objects frozen out of the garbage collector",
+                        bentoml.server_context.worker_index, gc.get_freeze_count())
 
     def __is_ready__(self) -> bool:
         """Ready only with at least one servable model."""
