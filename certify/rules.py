@@ -10,13 +10,14 @@ classes (defined in the ``models`` package).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from models import blocks, plain
+from models.exp_series import exp_coefficients
 
 #: Relative margin on float64 norms (FFT + LAPACK SVD rounding is ~1e-14 at these sizes).
 ROUNDING_MARGIN = 1e-9
@@ -87,21 +88,25 @@ def zero_padded_conv_norm(kernel: torch.Tensor, n: int, m: int, pad_h: int, pad_
     return circular_conv_norm(kernel, big_n, big_m)
 
 
-def exp_polynomial_bound(terms: int, a: float, s: float = 0.0, grid: int = 4097) -> float:
-    """Rigorous upper bound of ``‖p(A + S)‖`` for ``p(x) = Σ_{i=0}^{T} xⁱ/i!``.
+def exp_polynomial_bound(
+    coefficients: int | Sequence[float], a: float, s: float = 0.0, grid: int = 4097
+) -> float:
+    """Rigorous upper bound of ``‖p(A + S)‖`` for a real polynomial ``p(x) = Σ_{i≤T} c_i xⁱ``.
 
     ``A`` skew-symmetric with ``‖A‖ ≤ a``, ``S`` any operator with ``‖S‖ ≤ s``.
 
     - ``p(A)`` is normal with eigenvalues ``p(iλ)``, ``λ ∈ [−a, a]``, so
       ``‖p(A)‖ = max_{|λ|≤a} |p(iλ)|`` (``|p(iλ)| = |p(−iλ)|``: real coefficients).
     - The maximum over ``[0, a]`` is taken on a grid of spacing ``h`` and padded by ``h/2`` times
-      the Lipschitz constant of ``λ ↦ |p(iλ)|``. Since ``p' = p − x^T/T!``,
-      ``d|p(iλ)|/dλ = Re(−i·conj(p)·(iλ)^T/T!)/|p| ≤ λ^T/T! ≤ a^T/T!``: tiny, so the grid is tight.
-    - ``‖p(A + S) − p(A)‖ ≤ Σ_i ((a + s)ⁱ − aⁱ)/i! = p̄(a + s) − p̄(a)`` with ``p̄`` the same
-      polynomial (positive coefficients): expand ``(A + S)ⁱ``, every term but ``Aⁱ`` has an ``S``.
+      the Lipschitz constant of ``λ ↦ |p(iλ)|``: ``d|p(iλ)|/dλ = Re(conj(p)·i·p'(iλ))/|p|``
+      and ``Re(conj(p)·i·p) = 0``, so it is at most ``|p'(iλ) − p(iλ)| ≤ Σ_k |(k+1)c_{k+1} − c_k|
+      aᵏ`` (``c_{T+1} = 0``); for a polynomial close to ``exp`` (Taylor: just ``a^T/T!``) that is
+      tiny, so the grid is tight.
+    - ``‖p(A + S) − p(A)‖ ≤ Σ_i |c_i|((a + s)ⁱ − aⁱ) = p̄(a + s) − p̄(a)`` with ``p̄`` the
+      polynomial of the ``|c_i|``: expand ``(A + S)ⁱ``, every term but ``Aⁱ`` has an ``S``.
 
     Args:
-        terms: ``T`` (>= 0).
+        coefficients: ``c_0 … c_T``, or an int ``T`` for the Taylor polynomial ``c_i = 1/i!``.
         a: upper bound of ``‖A‖``.
         s: upper bound of ``‖S‖``.
         grid: grid points on ``[0, a]``.
@@ -109,12 +114,17 @@ def exp_polynomial_bound(terms: int, a: float, s: float = 0.0, grid: int = 4097)
     Returns:
         The upper bound, rounded up by ``ROUNDING_MARGIN`` relative to ``p̄(a + s)``.
     """
-    if terms < 0 or a < 0 or s < 0:
-        raise ValueError(f"need terms >= 0, a >= 0, s >= 0; got {terms}, {a}, {s}")
-    coeffs = [1.0 / math.factorial(i) for i in range(terms + 1)]
+    if isinstance(coefficients, int):
+        if coefficients < 0:
+            raise ValueError(f"need terms >= 0, got {coefficients}")
+        coeffs = exp_coefficients("taylor", coefficients, 1.0)
+    else:
+        coeffs = [float(c) for c in coefficients]
+    if not coeffs or not all(math.isfinite(c) for c in coeffs) or a < 0 or s < 0:
+        raise ValueError(f"need finite coefficients, a >= 0, s >= 0; got {coeffs}, {a}, {s}")
 
     def p_bar(x: float) -> float:
-        return sum(c * x**i for i, c in enumerate(coeffs))
+        return sum(abs(c) * x**i for i, c in enumerate(coeffs))
 
     lam = np.linspace(0.0, a, grid)
     z = 1j * lam
@@ -122,7 +132,11 @@ def exp_polynomial_bound(terms: int, a: float, s: float = 0.0, grid: int = 4097)
     for c in reversed(coeffs):  # Horner in complex128
         val = val * z + c
     h = a / (grid - 1) if grid > 1 else a
-    slope = a**terms / math.factorial(terms)
+    shifted = [*coeffs[1:], 0.0]  # c_{k+1}
+    slope = sum(
+        abs((k + 1) * n - c) * a**k
+        for k, (c, n) in enumerate(zip(coeffs, shifted, strict=True))
+    )
     skew_part = float(np.abs(val).max()) + 0.5 * h * slope
     perturbation = p_bar(a + s) - p_bar(a)
     return skew_part + perturbation + ROUNDING_MARGIN * p_bar(a + s)
@@ -188,8 +202,9 @@ def _bound_conv_exponential(m: plain.ConvExponential, shape: tuple[int, ...]) ->
     p = k // 2
     a = _round_up(zero_padded_conv_norm(skew, n, w, p, p))
     s = _round_up(zero_padded_conv_norm(sym, n, w, p, p)) if sym.abs().max() > 0 else 0.0
-    bound = exp_polynomial_bound(m.terms, a, s)
-    return bound, f"max|p(iλ)|, |λ|≤{a:.4f} (+sym {s:.1e}), T={m.terms}"
+    series = "taylor" if m.horner is None else "ratios"
+    bound = exp_polynomial_bound(m.coefficients(), a, s)
+    return bound, f"max|p(iλ)|, |λ|≤{a:.4f} (+sym {s:.1e}), T={m.terms} ({series})"
 
 
 def _bound_linear(m: nn.Linear, shape: tuple[int, ...]) -> tuple[float, str]:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.exp_series import coefficients_from_ratios, exp_coefficients
+
 
 def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
     """Circular padding by ``p`` on H and W, written with slices so every exporter maps it."""
@@ -66,30 +68,64 @@ class ResidualConv2d(nn.Module):
 
 
 class ConvExponential(nn.Module):
-    """Truncated convolution exponential ``y = Σ_{i=0}^{T} Lⁱx / i! + b`` (SOC at inference).
+    """Polynomial of a skew convolution, ``y = p_T(L)x + b`` (SOC at inference).
 
     ``L`` is a zero-padded convolution with a skew-symmetric kernel (``L = −flip(Lᵀ)``), so the
-    operator is exactly skew-symmetric and ``exp(L)`` orthogonal; the truncation at ``terms``
-    makes it approximately so. Evaluated in Horner form ``z ← x + L z / i`` for ``i = T … 1``.
+    operator is exactly skew-symmetric and ``exp(L)`` orthogonal; ``p_T`` approximates ``exp``
+    (:mod:`models.exp_series`), making it approximately so. Without ``ratios``, the Taylor
+    polynomial ``Σ_{i≤T} Lⁱ/i!`` in Horner form ``z ← x + L z / i`` for ``i = T … 1`` (the
+    ``1/i`` are constants of the graph). With ``ratios = (c₀, r₁, …, r_T)``, the ratio Horner form
+    ``z ← x + r_i · L z``, ``y = c₀ z``, the ratios a buffer (``horner``) the file stores and the
+    audit reads back.
+
+    Args:
+        kernel: ``(c, c, k, k)`` scaled skew kernel, odd ``k``.
+        terms: ``T``.
+        bias: ``(c,)`` or None.
+        ratios: None (Taylor) or ``T + 1`` floats.
+
+    Raises:
+        ValueError: ``ratios`` of the wrong length.
     """
 
-    def __init__(self, kernel: torch.Tensor, terms: int, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        kernel: torch.Tensor,
+        terms: int,
+        bias: torch.Tensor | None = None,
+        ratios: tuple[float, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.terms = int(terms)
+        if ratios is not None and len(ratios) != self.terms + 1:
+            raise ValueError(f"{self.terms} terms need {self.terms + 1} ratios, got {len(ratios)}")
         self.register_buffer("kernel", kernel.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        horner = None if ratios is None else torch.tensor(ratios, dtype=torch.float32)
+        self.register_buffer("horner", horner)
+
+    def coefficients(self) -> list[float]:
+        """``c_0 … c_T`` of the polynomial this module evaluates (float64 of the stored ratios)."""
+        if self.horner is None:
+            return exp_coefficients("taylor", self.terms, 1.0)
+        return coefficients_from_ratios(self.horner.tolist())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.kernel.shape[-1] // 2
         z = x
-        for i in range(self.terms, 0, -1):
-            z = x + F.conv2d(z, self.kernel, padding=p) / i
+        if self.horner is None:
+            for i in range(self.terms, 0, -1):
+                z = x + F.conv2d(z, self.kernel, padding=p) / i
+        else:
+            for i in range(self.terms, 0, -1):
+                z = x + F.conv2d(z, self.kernel, padding=p) * self.horner[i]
+            z = z * self.horner[0]
         if self.bias is not None:
             z = z + self.bias.view(1, -1, 1, 1)
         return z
 
     def extra_repr(self) -> str:
-        return f"terms={self.terms}"
+        return f"terms={self.terms}, series={'taylor' if self.horner is None else 'ratios'}"
 
 
 def _one_sided_spectrum_in_h(spectrum: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ exact input gradients. Both backwards are first order only (double backward rais
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -112,33 +114,41 @@ def _conv_backward(
 
 
 class ConvExponentialFunction(torch.autograd.Function):
-    """``y = Σ_{i=0}^{T} Lⁱx / i!`` (zero padding ``k // 2``) with a hand-written backward.
+    """``y = c₀(1 + r₁L(1 + r₂L(⋯(1 + r_T L))))x`` (zero padding ``k // 2``), hand-written backward.
 
-    Forward arguments: ``(x, kernel, terms, grad_mode)``; gradients for ``x`` and ``kernel``.
-    ``"exact"`` saves the ``T`` Horner states (as autograd does), ``"paper"`` one tensor.
+    Forward arguments: ``(x, kernel, ratios, grad_mode)`` with ``ratios = (c₀, r₁, …, r_T)`` (the
+    ratio Horner form of :mod:`models.exp_series`; Taylor: ``c₀ = 1``, ``r_i = 1/i``); gradients
+    for ``x`` and ``kernel``. ``"exact"`` saves the ``T`` Horner states (as autograd does),
+    ``"paper"`` one tensor.
     """
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, kernel: torch.Tensor, terms: int, grad_mode: str
+        ctx, x: torch.Tensor, kernel: torch.Tensor, ratios: tuple[float, ...], grad_mode: str
     ) -> torch.Tensor:
         p = kernel.shape[-1] // 2
-        ctx.terms, ctx.pad, ctx.grad_mode = terms, p, grad_mode
+        terms, scale = len(ratios) - 1, ratios[0]
+        ctx.ratios, ctx.pad, ctx.grad_mode = ratios, p, grad_mode
         if grad_mode == "paper":
-            z = x  # Horner down to i = 2 leaves z = φ(L)x; then y = x + Lz.
+            z = x  # Horner down to i = 2 leaves z = φ(L)x; then y = c₀(x + r₁Lz).
             for i in range(terms, 1, -1):
-                z = F.conv2d(z, kernel / i, padding=p).add_(x)
-            y = F.conv2d(z, kernel, padding=p).add_(x) if terms >= 1 else x.clone()
+                z = F.conv2d(z, kernel * ratios[i], padding=p).add_(x)
+            if terms >= 1:
+                y = F.conv2d(z, kernel * ratios[1], padding=p).add_(x)
+            else:
+                y = x.clone()
             ctx.save_for_backward(z, kernel)
-            return y
+            return y.mul_(scale) if scale != 1 else y
         states = []  # states[i - 1]: the input of step i (z_{T+1} = x, …, z_2)
         z = x
         for i in range(terms, 0, -1):
             states.append(z)
-            z = F.conv2d(z, kernel / i, padding=p).add_(x)  # 1/i on the tiny kernel, + x in place
+            # r_i on the tiny kernel, + x in place
+            z = F.conv2d(z, kernel * ratios[i], padding=p).add_(x)
         states.reverse()
         ctx.save_for_backward(kernel, *states)
-        return z if terms >= 1 else x.clone()
+        y = z if terms >= 1 else x.clone()
+        return y.mul_(scale) if scale != 1 else y
 
     @staticmethod
     @once_differentiable
@@ -149,31 +159,36 @@ class ConvExponentialFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        terms, p = ctx.terms, ctx.pad
+        ratios, p = ctx.ratios, ctx.pad
+        terms, scale = len(ratios) - 1, ratios[0]
         need_x, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_out = grad_out.contiguous()
+        if scale != 1:
+            grad_out = grad_out * scale
         if ctx.grad_mode == "paper":
             z, kernel = ctx.saved_tensors
             if terms == 0:
                 return grad_out, (torch.zeros_like(kernel) if need_k else None), None, None
             w = grad_out  # w = φ(Lᵀ)g by the same Horner recurrence
             for i in range(terms, 1, -1):
-                w = F.conv_transpose2d(w, kernel / i, padding=p).add_(grad_out)
-            grad_x, grad_k = _conv_backward(w, z, kernel, p, need_x, need_k)
+                w = F.conv_transpose2d(w, kernel * ratios[i], padding=p).add_(grad_out)
+            grad_x, grad_k = _conv_backward(w, z, kernel * ratios[1], p, need_x, need_k)
+            if grad_k is not None and ratios[1] != 1:
+                grad_k = grad_k.mul_(ratios[1])
             if grad_x is not None:
-                grad_x = grad_x.add_(grad_out)  # p(Lᵀ)g = g + Lᵀφ(Lᵀ)g
+                grad_x = grad_x.add_(grad_out)  # p(Lᵀ)g = c₀(g + r₁Lᵀφ(Lᵀ)g)
             return grad_x, grad_k, None, None
         kernel, *states = ctx.saved_tensors
-        # Step i maps its input z_{i+1} to z_i = x + (L/i) z_{i+1}; h is the gradient at z_i.
+        # Step i maps its input z_{i+1} to z_i = x + r_i L z_{i+1}; h is the gradient at z_i.
         h = grad_out
         grad_x = grad_out.clone() if need_x else None
         grad_k = torch.zeros_like(kernel) if need_k else None
         for i in range(1, terms + 1):
             # The next h is needed by the next step, or, after the last one, only for x.
             want_h = i < terms or need_x
-            h_next, gk = _conv_backward(h, states[i - 1], kernel / i, p, want_h, need_k)
+            h_next, gk = _conv_backward(h, states[i - 1], kernel * ratios[i], p, want_h, need_k)
             if gk is not None:
-                grad_k.add_(gk, alpha=1.0 / i)
+                grad_k.add_(gk, alpha=ratios[i])
             if h_next is None:
                 break
             h = h_next
@@ -183,9 +198,12 @@ class ConvExponentialFunction(torch.autograd.Function):
 
 
 def conv_exponential(
-    x: torch.Tensor, kernel: torch.Tensor, terms: int, grad_mode: str = "exact"
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    terms: int | Sequence[float],
+    grad_mode: str = "exact",
 ) -> torch.Tensor:
-    """Truncated convolution exponential ``Σ_{i=0}^{T} Lⁱx / i!`` with the fast backward.
+    """Polynomial ``p(L)x`` of a convolution (SOC's exponential) with the fast backward.
 
     Under autocast the inputs are cast to the autocast dtype first (as autocast would cast the
     convolutions) and the Function runs with autocast off, so both passes see one dtype.
@@ -193,27 +211,37 @@ def conv_exponential(
     Args:
         x: ``(B, C, H, W)`` input.
         kernel: ``(C, C, k, k)`` kernel of ``L``, odd ``k``, zero padding ``k // 2``.
-        terms: ``T >= 0``, the highest power of the series.
+        terms: ``T >= 0`` for the Taylor polynomial ``Σ_{i≤T} Lⁱ/i!``, or the ratio Horner form
+            ``(c₀, r₁, …, r_T)`` of any polynomial (:func:`models.exp_series.horner_ratios`).
         grad_mode: ``"exact"`` or ``"paper"`` (see the module docstring).
 
     Returns:
         ``(B, C, H, W)``.
 
     Raises:
-        ValueError: unknown ``grad_mode``, negative ``terms`` or a bad kernel shape.
+        ValueError: unknown ``grad_mode``, negative ``terms``, an empty ratio list or a bad
+            kernel shape.
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; choose from {', '.join(GRAD_MODES)}")
-    if not isinstance(terms, int) or isinstance(terms, bool) or terms < 0:
-        raise ValueError(f"terms must be a non-negative int, got {terms!r}")
+    if isinstance(terms, bool) or not isinstance(terms, (int, Sequence)):
+        raise ValueError(f"terms must be a non-negative int or a ratio sequence, got {terms!r}")
+    if isinstance(terms, int):
+        if terms < 0:
+            raise ValueError(f"terms must be a non-negative int, got {terms!r}")
+        ratios = (1.0, *(1.0 / i for i in range(1, terms + 1)))
+    else:
+        ratios = tuple(float(r) for r in terms)
+        if not ratios:
+            raise ValueError("the ratio sequence needs at least c0")
     if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[-1] % 2 == 0:
         raise ValueError(f"kernel must be (C, C, k, k) with odd k, got {tuple(kernel.shape)}")
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return ConvExponentialFunction.apply(x.to(dtype), kernel.to(dtype), terms, grad_mode)
-    return ConvExponentialFunction.apply(x, kernel, terms, grad_mode)
+            return ConvExponentialFunction.apply(x.to(dtype), kernel.to(dtype), ratios, grad_mode)
+    return ConvExponentialFunction.apply(x, kernel, ratios, grad_mode)
 
 
 __all__ = [

@@ -81,15 +81,27 @@ def test_taylor_terms_meet_the_tolerance_with_the_fewest_terms():
     for norm in (0.3, 0.7, 1.0, 2.1):
         terms = taylor_terms(norm)
         assert tail(norm, terms) <= TRUNCATION_TOL < tail(norm, terms - 1)
-    assert [create_layer("soc", 4, k).eval_terms for k in (1, 3)] == [7, 6]
-    assert create_layer("soc", 4, 3, bound="paper").eval_terms == 12
+    taylor = {"series": "taylor"}
+    assert [create_layer("soc", 4, k, **taylor).eval_terms for k in (1, 3)] == [7, 6]
+    assert create_layer("soc", 4, 3, bound="paper", **taylor).eval_terms == 12
     assert create_layer("soc", 4, 3, eval_terms=9).eval_terms == 9
 
 
-def test_soc_export_truncation_error_and_audited_bound():
-    layer = create_layer("soc", 4, 3).eval()
+def test_chebyshev_terms_are_fewer_for_the_same_tolerance():
+    # Evaluation at 1e-4, training at 2e-3: k = 1 (a = 1), k = 3 (a = 0.7), paper scaling (2.1).
+    layers = [create_layer("soc", 4, k) for k in (1, 3)] + [
+        create_layer("soc", 4, 3, bound="paper")
+    ]
+    assert [(m.eval_terms, m.train_terms) for m in layers] == [(5, 4), (4, 3), (7, 6)]
+    assert create_layer("soc", 4, 3, series="taylor").train_terms == 5
+
+
+@pytest.mark.parametrize("series,terms", [("chebyshev", 4), ("taylor", 6)])
+def test_soc_export_truncation_error_and_audited_bound(series, terms):
+    layer = create_layer("soc", 4, 3, series=series).eval()
     plain = layer.export()
-    assert isinstance(plain, ConvExponential) and plain.terms == 6
+    assert isinstance(plain, ConvExponential) and plain.terms == terms
+    assert (plain.horner is None) == (series == "taylor")
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(plain(x), layer(x), atol=1e-6, rtol=0)
@@ -98,4 +110,4 @@ def test_soc_export_truncation_error_and_audited_bound():
     assert (sv - 1).abs().max().item() <= TRUNCATION_TOL
     bound, _ = layer_bound(plain, (4, 6, 6))
     assert sv.max().item() <= bound <= 1 + TRUNCATION_TOL
-    assert exp_polynomial_bound(6, 0.7) <= 1 + TRUNCATION_TOL
+    assert exp_polynomial_bound(plain.coefficients(), 0.7) <= 1 + TRUNCATION_TOL

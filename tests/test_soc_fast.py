@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.exp_series import exp_coefficients, horner_ratios
 from models.export import to_plain
 from models.layers.soc import SOCConv2d, skew_kernel
 from models.registry import create_model
@@ -82,6 +83,35 @@ def test_exact_mode_equals_autograd(k, terms, dtype, tol):
     assert (y1 - y0).abs().max() <= tol * y0.abs().max()
     assert (gx1 - gx0).abs().max() <= tol * gx0.abs().max()
     assert (gk1 - gk0).abs().max() <= tol * gk0.abs().max()
+
+
+def ratio_horner(x: torch.Tensor, kernel: torch.Tensor, ratios) -> torch.Tensor:
+    z = x
+    for i in range(len(ratios) - 1, 0, -1):
+        z = x + ratios[i] * F.conv2d(z, kernel, padding=kernel.shape[-1] // 2)
+    return ratios[0] * z
+
+
+@pytest.mark.parametrize("terms", [1, 3, 5])
+def test_both_modes_take_any_polynomial_in_ratio_form(terms):
+    """Chebyshev ratios (c₀ ≠ 1): "exact" is autograd, "paper" keeps the input gradient exact."""
+    ratios = horner_ratios(exp_coefficients("chebyshev", terms, 0.7))
+    assert ratios[0] != 1
+    kernel = scaled_skew(4, 3, torch.float64, seed=11)
+    x, g = data((2, 4, 5, 6), torch.float64, seed=12)
+    y0, gx0, gk0 = grads(lambda a, b: ratio_horner(a, b, ratios), x, kernel, g)
+    y1, gx1, gk1 = grads(lambda a, b: conv_exponential(a, b, ratios, "exact"), x, kernel, g)
+    for got, ref in ((y1, y0), (gx1, gx0), (gk1, gk0)):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+    y2, gx2, gk2 = grads(lambda a, b: conv_exponential(a, b, ratios, "paper"), x, kernel, g)
+    torch.testing.assert_close(y2, y0, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gx2, gx0, atol=1e-12, rtol=1e-10)
+    assert F.cosine_similarity(gk2.flatten(), gk0.flatten(), dim=0) > 0.999
+    # The integer form is the Taylor polynomial's ratio form.
+    taylor = horner_ratios(exp_coefficients("taylor", terms, 0.7))
+    torch.testing.assert_close(
+        conv_exponential(x, kernel, taylor, "exact"), conv_exponential(x, kernel, terms, "exact")
+    )
 
 
 def test_exact_mode_is_the_truncated_series_gradient_formula():

@@ -42,6 +42,7 @@ from certify.artifact.structure import (
     INPUT_NAME,
     OUTPUT_NAME,
     build_skeleton,
+    legacy_configs,
     skeleton_proto,
     structure_mismatch,
 )
@@ -247,17 +248,25 @@ def _load_bytes(
     ]:
         raise _fail(source, f"graph must have input {INPUT_NAME!r} and output {OUTPUT_NAME!r}")
     shape = tuple(meta["input_shape"])
-    try:
-        twin = build_skeleton(meta["config"])
-        clock.lap("rebuild")
-        reference = skeleton_proto(meta["config"], shape, twin)
-        clock.lap("export")
-    except Exception as exc:  # any failure to rebuild is a refusal, never a crash
-        raise _fail(source, f"cannot rebuild the stored config: {exc}".splitlines()[0]) from None
-    mismatch = structure_mismatch(proto, reference, list(twin.state_dict()))
-    clock.lap("compare")
-    if mismatch is not None:
-        raise _fail(source, f"graph is not the export of its config: {mismatch}")
+    first_mismatch = None
+    # The stored config first; then what it meant under an earlier default, for older files.
+    for config in [meta["config"], *legacy_configs(meta["config"])]:
+        try:
+            twin = build_skeleton(config)
+            clock.lap("rebuild")
+            reference = skeleton_proto(config, shape, twin)
+            clock.lap("export")
+        except Exception as exc:  # any failure to rebuild is a refusal, never a crash
+            raise _fail(
+                source, f"cannot rebuild the stored config: {exc}".splitlines()[0]
+            ) from None
+        mismatch = structure_mismatch(proto, reference, list(twin.state_dict()))
+        clock.lap("compare")
+        if mismatch is None:
+            break
+        first_mismatch = first_mismatch or mismatch
+    else:
+        raise _fail(source, f"graph is not the export of its config: {first_mismatch}")
     twin.load_state_dict(_twin_state(proto, twin), strict=True)
     twin.eval().requires_grad_(False)
     try:

@@ -140,6 +140,26 @@ def build_skeleton(config: Mapping[str, Any]) -> nn.Module:
     return to_plain(model)
 
 
+#: Layer options whose *default* changed, per method: the value the earlier default meant. A file
+#: exported before the change stores a config without the option; :func:`legacy_configs` gives
+#: the config with the old value spelled out, which the loader tries when the config as stored
+#: does not rebuild the file's graph. Sound: the structure check is as strict either way.
+LEGACY_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "soc": ({"series": "taylor"},),  # SOC exported the Taylor series before 2026-12-02
+}
+
+
+def legacy_configs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Configs an earlier lipcert default built from ``config`` (see :data:`LEGACY_DEFAULTS`)."""
+    out = []
+    for defaults in LEGACY_DEFAULTS.get(str(config.get("method")), ()):
+        options = dict(config.get("layer_options") or {})
+        if any(k in options for k in defaults):
+            continue  # the option was given explicitly: no earlier default applied
+        out.append({**config, "layer_options": {**options, **defaults}})
+    return out
+
+
 def skeleton_proto(
     config: Mapping[str, Any], input_shape: Sequence[int], skeleton: nn.Module | None = None
 ) -> Any:
@@ -268,7 +288,7 @@ def structure_mismatch(
 
 
 __all__ = [
-    "INPUT_NAME", "OPSET", "OUTPUT_NAME", "build_skeleton", "export_proto", "graft",
-    "skeleton_proto",
+    "INPUT_NAME", "LEGACY_DEFAULTS", "OPSET", "OUTPUT_NAME", "build_skeleton", "export_proto",
+    "graft", "legacy_configs", "skeleton_proto",
     "structure_mismatch",
 ]
