@@ -32,14 +32,17 @@ from models.layers.soc import SOCConv2d
 # Inner-iteration counts the formulas assume (the layer defaults of METHODS.md).
 BCOP_BJORCK_ITERS = 20
 LOT_NEWTON_SCHULZ_ITERS = 10
-SOC_TRAIN_TERMS = 6
 
 
 @functools.cache
 def soc_eval_terms(kernel_size: int) -> int:
-    """The Taylor terms SOC evaluates and exports by default for ``kernel_size`` (the layer's
-    own choice: the fewest terms with truncation error <= 1e-4 at its guaranteed norm)."""
+    """The polynomial terms SOC evaluates and exports by default for ``kernel_size`` (the
+    layer's own choice: the fewest with truncation error <= 1e-4 at its guaranteed norm)."""
     return SOCConv2d(1, kernel_size).eval_terms
+
+
+#: SOC's default training terms at k = 3 (the fewest with truncation error <= 2e-3).
+SOC_TRAIN_TERMS = SOCConv2d(1, 3).train_terms
 
 
 @dataclass(frozen=True)
