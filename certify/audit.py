@@ -16,7 +16,8 @@ layer                      upper bound
                            projection); any stride (subsampling is a projection)
 ``ResidualConv2d``         Jacobian ``I − VᵀDV`` with ``V = diag(√scale) K``, ``D ∈ [0, 1]``
                            diagonal: ``max(1, ‖V‖² − 1)`` (``‖V‖`` bounded as ``nn.Conv2d``)
-``ConvExponential``        ``p(L) = Σ_{i≤T} Lⁱ/i!``; ``L = A + S`` (skew + symmetric part, S is
+``ConvExponential``        ``p(L) = Σ_{i≤T} c_i Lⁱ`` (Taylor ``1/i!``, or the coefficients of the
+                           stored ratios ``horner``); ``L = A + S`` (skew + symmetric part, S is
                            float32 rounding only); ``p(A)`` is normal with eigenvalues ``p(iλ)``,
                            ``|λ| ≤ ‖A‖``: ``max_{|λ|≤a} |p(iλ)| + p̄(a + s) − p̄(a)``, see
                            :func:`exp_polynomial_bound`
