@@ -1,16 +1,27 @@
-"""BentoML's per-request timeout, without the timer it leaves behind.
+"""Two changes to BentoML 1.4.39's serving that the service's tail latency needed (issue 17).
 
-BentoML 1.4.39's ``TimeoutMiddleware`` (``traffic.timeout``, 60 s here) schedules, for every
-request, ``loop.call_later(timeout, ...)`` and never cancels it. Each such timer keeps a copy of
-the request's ``contextvars`` context (its OpenTelemetry span with its attribute lists and locks,
-the future it would fail) alive for the whole timeout: at ~1,000 requests/s a worker carried
-~60,000 requests' worth of objects, so each full garbage collection walked them, a pause of
-the worker's event loop (and of every request it held) that grew to 0.2–0.5 s under load and
-made the 1 % tail at 32 clients (docs/service.md, "Scaling with clients").
+Both replace one method of a BentoML class, keep its contract, and apply only where the class has
+the shape replaced (another BentoML version is left as it is, with a warning). They are installed
+once per worker by ``LipCert.prepare_worker`` (docs/service.md, "Scaling with clients").
 
-:func:`release_timeout_timers` gives the middleware a ``__call__`` with the same contract (504
-when nothing was sent within the timeout, else wait for the app) whose timer is cancelled as
-soon as the answer starts and carries an empty context.
+**The request timeout's timer.** ``TimeoutMiddleware`` (``traffic.timeout``, 60 s here) schedules
+``loop.call_later(timeout, ...)`` for every request and never cancels it. Each such timer keeps a
+copy of the request's ``contextvars`` context (its OpenTelemetry span with its attribute lists and
+locks, the future it would fail) alive for the whole timeout: at ~1,000 requests/s a worker
+carried ~60,000 requests' worth of objects, and each full garbage collection walked them all, a
+pause of the worker's event loop (so of every request it held) that grew to 0.1–0.5 s every few
+seconds under load. :func:`release_timeout_timers`: the same 504 when nothing was sent within the
+timeout, with the timer cancelled as soon as the answer starts and given an empty context.
+
+**The adaptive batcher's learned wait.** ``CorkDispatcher`` holds a request back while
+``n × (its wait + 1 ms) ≤ 0.95 × wait``, where ``wait`` is the average time the first request of
+its last 50 batches waited, refreshed at most every 5 s. That wait is mostly the one the
+dispatcher itself imposed, so it feeds itself under load, and decays by ~5 % per 5 s after it: a
+lone client after a burst waited 17–68 ms per request for minutes. Batches form without it: one
+batch runs at a time per worker, and the requests that arrive meanwhile are the next batch.
+:func:`dispatch_without_learned_wait` keeps the dispatcher's latency fit (with which it sheds
+requests that would miss ``max_latency_ms``) and sets the wait to 0, so a request is dispatched
+as soon as no batch is running.
 """
 
 from __future__ import annotations
@@ -22,8 +33,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: BentoML's own ``TimeoutMiddleware.__call__``, kept when replaced (the tests compare them).
+#: BentoML's own methods, kept when replaced (the tests compare them).
 _bentoml_call: Any = None
+_bentoml_refresh: Any = None
 
 
 async def _timeout_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
@@ -60,15 +72,19 @@ async def _timeout_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
         timer.cancel()
 
 
+def _refresh_without_wait(self: Any) -> None:
+    """``Optimizer.trigger_refresh``: BentoML's latency fit, and no learned wait."""
+    _bentoml_refresh(self)
+    self.wait = 0
+
+
 def release_timeout_timers() -> bool:
     """Install :func:`_timeout_call` on BentoML's ``TimeoutMiddleware`` (idempotent).
-
-    Only where the middleware has the shape this replaces (a ``_set_timer_out`` callback);
-    another BentoML version is left as it is.
 
     Returns:
         Whether the replacement is in place.
     """
+    global _bentoml_call
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
     if TimeoutMiddleware.__call__ is _timeout_call:
@@ -77,7 +93,27 @@ def release_timeout_timers() -> bool:
         logger.warning("lipcert: BentoML's TimeoutMiddleware has changed; its timers are "
                        "left as they are")
         return False
-    global _bentoml_call
     _bentoml_call = TimeoutMiddleware.__call__
     TimeoutMiddleware.__call__ = _timeout_call  # type: ignore[method-assign]
+    return True
+
+
+def dispatch_without_learned_wait() -> bool:
+    """Install :func:`_refresh_without_wait` on BentoML's batching ``Optimizer`` (idempotent).
+
+    Returns:
+        Whether the replacement is in place.
+    """
+    global _bentoml_refresh
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    if Optimizer.trigger_refresh is _refresh_without_wait:
+        return True
+    if not callable(getattr(Optimizer, "trigger_refresh", None)) or not hasattr(
+            Optimizer(1.0), "wait"):
+        logger.warning("lipcert: BentoML's batching Optimizer has changed; its wait is left "
+                       "as it is")
+        return False
+    _bentoml_refresh = Optimizer.trigger_refresh
+    Optimizer.trigger_refresh = _refresh_without_wait  # type: ignore[method-assign]
     return True

@@ -41,6 +41,7 @@ from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from pydantic import Field
 
 from service.bento_models import bento_sources, model_references
+from service.bentoml_patches import dispatch_without_learned_wait, release_timeout_timers
 from service.errors import InvalidArgument, NotFound, UnprocessableEntity
 from service.images import ImageLimits, decode_image, to_model_input
 from service.loader import (
@@ -73,7 +74,6 @@ from service.schemas import (
     tensor_array,
 )
 from service.tensors import tensor_batch
-from service.timeouts import release_timeout_timers
 from service.web import create_web_app
 
 logger = logging.getLogger(__name__)
@@ -162,25 +162,25 @@ class LipCert(_BentoModelReferences):
 
     @bentoml.on_startup
     def prepare_worker(self) -> None:
-        """Keep garbage-collection pauses off the serving worker's event loop (once per worker,
-        after ``__init__``).
+        """Keep pauses off the serving worker's event loop (once per worker, after ``__init__``).
 
-        A full (generation-2) collection stops the worker's event loop, so every request it
-        holds, for as long as it walks the objects the collector tracks. Two heaps made those
-        pauses 0.1–0.5 s every few seconds under load, the 1 % tail at 32 clients
-        (docs/service.md, "Scaling with clients"): BentoML's request-timeout timers, each
-        keeping its request's objects for 60 s (:mod:`service.timeouts`), and the ~0.4 M
-        objects a worker loads (torch, ONNX, the re-audit) and keeps for life, which are
-        collected once here, then frozen out of the collector's sight (``gc.freeze``). Only in
-        a ``bentoml serve`` worker, whose process this is: in process (``to_asgi()``, a test)
-        the objects are someone else's.
+        The 1 % tail at 32 clients (docs/service.md, "Scaling with clients") was the worker's
+        event loop stopping, so every request it held, for full (generation-2) garbage
+        collections of 0.1–0.5 s every few seconds under load. Their heap was BentoML's
+        request-timeout timers, each keeping its request's objects for 60 s (released here, see
+        :mod:`service.bentoml_patches`), and the ~0.4 M objects a worker loads (torch, ONNX, the
+        re-audit) and keeps for life, collected once here and then frozen out of the
+        collector's sight (``gc.freeze``; only in a ``bentoml serve`` worker, whose process
+        this is: in process, ``to_asgi()`` in a test, the objects are someone else's). The
+        adaptive batcher dispatches without its learned wait (same module).
         """
         release_timeout_timers()
+        dispatch_without_learned_wait()
         if bentoml.server_context.worker_index is not None:
             gc.collect()
             gc.freeze()
-            logger.info("lipcert: worker %d: %d objects frozen out of the garbage collector",
-                        bentoml.server_context.worker_index, gc.get_freeze_count())
+            logger.debug("lipcert: worker %d: %d objects frozen out of the garbage collector",
+                         bentoml.server_context.worker_index, gc.get_freeze_count())
 
     def __is_ready__(self) -> bool:
         """Ready only with at least one servable model."""

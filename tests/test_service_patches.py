@@ -1,9 +1,10 @@
-"""BentoML's request timeout with its timer released (``service.timeouts``).
+"""The two changes to BentoML's serving in ``service.bentoml_patches``.
 
-Each test drives ``TimeoutMiddleware`` directly with a minimal ASGI app on its own event loop:
-a finished request must leave nothing of its ``contextvars`` context alive (BentoML 1.4.39's
-timer kept it for the whole timeout), and a request that sends nothing within the timeout still
-gets BentoML's 504.
+The request timeout: ``TimeoutMiddleware`` driven directly with a minimal ASGI app on its own
+event loop; a finished request must leave nothing of its ``contextvars`` context alive (BentoML
+1.4.39's timer kept it for the whole timeout), and a request that sends nothing within the
+timeout still gets BentoML's 504. The batcher: the same recorded batches give BentoML's latency
+fit, and no learned wait.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from service.timeouts import release_timeout_timers
+from service.bentoml_patches import dispatch_without_learned_wait, release_timeout_timers
 
 REQUEST_VALUE: contextvars.ContextVar[Any] = contextvars.ContextVar("request_value")
 
@@ -74,14 +75,14 @@ def _context_left_alive(call: Any) -> bool:
 def test_finished_request_leaves_its_context_behind_in_bentoml_only() -> None:
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    import service.timeouts as timeouts
+    import service.bentoml_patches as patches
 
     assert release_timeout_timers()
     assert release_timeout_timers()  # idempotent
-    assert TimeoutMiddleware.__call__ is timeouts._timeout_call
-    assert timeouts._bentoml_call is not None
+    assert TimeoutMiddleware.__call__ is patches._timeout_call
+    assert patches._bentoml_call is not None
     # BentoML's timer holds the request's context for the whole 60 s; the replacement's not
-    assert _context_left_alive(timeouts._bentoml_call)
+    assert _context_left_alive(patches._bentoml_call)
     assert not _context_left_alive(TimeoutMiddleware.__call__)
 
 
@@ -115,3 +116,23 @@ def test_nothing_sent_within_the_timeout_is_a_504() -> None:
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 504
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
     assert "0.05 seconds" in body["error"]
+
+
+def test_batcher_keeps_its_latency_fit_without_the_learned_wait() -> None:
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    import service.bentoml_patches as patches
+
+    assert dispatch_without_learned_wait()
+    assert dispatch_without_learned_wait()  # idempotent
+    assert Optimizer.trigger_refresh is patches._refresh_without_wait
+    mine, bentoml_own = Optimizer(1.0), Optimizer(1.0)
+    for n in range(1, 11):  # (batch size, duration s, wait s): 2 ms + 0.5 ms per image
+        for opt in (mine, bentoml_own):
+            opt.o_stat.append((n, 0.002 + 0.0005 * n, 0.03))
+    mine.trigger_refresh()
+    patches._bentoml_refresh(bentoml_own)
+    assert bentoml_own.wait == pytest.approx(0.03)
+    assert mine.wait == 0
+    assert (mine.o_a, mine.o_b) == (bentoml_own.o_a, bentoml_own.o_b)
+    assert mine.o_a == pytest.approx(0.0005) and mine.o_b == pytest.approx(0.002)
