@@ -16,12 +16,11 @@ Inference: one plain circular convolution with the rescaled kernel (computed in 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers.base import LipschitzConv2d
-from models.ops import aol_rescaling
-from models.plain import CircularConv2d, circular_pad
+from models.ops import aol_rescaling, circular_conv2d
+from models.plain import CircularConv2d
 from models.registry import register_method
 
 
@@ -63,7 +62,7 @@ class AOLConv2d(LipschitzConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.cached("weight", self.rescaled_weight)
-        return F.conv2d(circular_pad(x, self.kernel_size // 2), w, self.bias)
+        return circular_conv2d(x, w, self.bias)
 
     @torch.no_grad()
     def export(self) -> nn.Module:

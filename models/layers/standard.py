@@ -9,11 +9,11 @@ Inference: one plain circular convolution.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers.base import LipschitzConv2d
-from models.plain import CircularConv2d, circular_pad
+from models.ops import circular_conv2d
+from models.plain import CircularConv2d
 from models.registry import register_method
 
 
@@ -38,7 +38,7 @@ class StandardConv2d(LipschitzConv2d):
         self.init_bias_uniform()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(circular_pad(x, self.kernel_size // 2), self.weight, self.bias)
+        return circular_conv2d(x, self.weight, self.bias)
 
     def export(self) -> nn.Module:
         return CircularConv2d(self.weight, self.bias)
