@@ -32,11 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.complexity import count_flops, formula_costs, formula_table, layer_shapes
+from bench.complexity import (
+    count_flops,
+    formula_costs,
+    formula_table,
+    layer_shapes,
+    soc_eval_terms,
+)
 from bench.machine import describe_machine
 from bench.onnx_io import export_onnx, ort_session
 from bench.tables import markdown_table, result_doc, write_result
 from bench.timing import median, synchronize, time_call
+from training.tables import render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +271,50 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 row[f"{key}_vs_standard"] = row[key] / ref[key]
 
 
+def export_target(method: str) -> float | None:
+    """Issue 17's bound on exported ONNX ÷ exported standard (every batch), None: no target.
+
+    AOL and BCOP export one circular convolution (≤ 1.05), CPL and SLL two (≤ 2), Cayley and LOT
+    a per-frequency form (≤ 1.5), SOC its polynomial's terms (≤ terms + 1 at k = 3).
+    """
+    if method == "soc":
+        return float(soc_eval_terms(3) + 1)
+    return {"aol": 1.05, "bcop": 1.05, "cpl": 2.0, "sll": 2.0, "cayley": 1.5, "lot": 1.5}.get(
+        method
+    )
+
+
+def targets_markdown(rows: list[dict[str, Any]], batches: Sequence[int]) -> str:
+    """Issue 17's export targets per method: ONNX ÷ standard and eager ÷ ONNX, met or not.
+
+    Eager ÷ ONNX must be ≥ 2 at batch 1 and ≥ 1 (not slower) at the other batches.
+    """
+
+    def verdict(value: Any, ok: bool) -> str:
+        if not isinstance(value, (int, float)):
+            return "–"
+        return f"{value:.3g} {'✓' if ok else '✗'}"
+
+    body = []
+    for row in rows:
+        if row["method"] == BASELINE:
+            continue
+        target = export_target(row["method"])
+        cells = [row["method"], row["size"], "–" if target is None else f"≤ {target:g}"]
+        for b in batches:
+            v = row.get(f"onnx_ms_b{b}_vs_standard")
+            cells.append(verdict(v, target is None or (v is not None and v <= target)))
+        for b in batches:
+            v = row.get(f"onnx_speedup_b{b}")
+            need = 2.0 if b == 1 else 1.0
+            cells.append(verdict(v, v is not None and v >= need))
+        body.append(cells)
+    heads = ["method", "size", "ONNX ÷ std target"]
+    heads += [f"ONNX ÷ std b{b}" for b in batches]
+    heads += [f"eager ÷ ONNX b{b} (≥ {2 if b == 1 else 1})" for b in batches]
+    return render_markdown(heads, body)
+
+
 def run_layers(cfg: LayersConfig) -> dict[str, Any]:
     """Measure every method × size of ``cfg`` and write ``layers.json``, ``.csv`` and ``.md``.
 
@@ -324,6 +375,9 @@ def layers_markdown(doc: dict[str, Any]) -> str:
         ["method", "size", "train", *[f"eager b{b}" for b in bs], *[f"ONNX b{b}" for b in bs],
          "train mem", "infer mem", "ONNX mem"],
     ))
+    if any("onnx_speedup_b1" in r for r in rows):
+        out.append("\n**Issue 17's export targets** (✓ met, ✗ not; same run)\n\n")
+        out.append(targets_markdown(rows, bs))
     out.append("\n**FLOPs** (FlopCounterMode; FFTs not counted) **beside the asymptotic "
                "formulas** (GMAC, MiB; see `bench/complexity.py`)\n\n")
     fcols = ["flops_train_gflop", "flops_param_gflop", "flops_infer_gflop",

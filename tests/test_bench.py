@@ -184,3 +184,20 @@ def test_service_refuses_non_loopback_and_unknown_models(stand_in, tmp_path):
     assert check_loopback("http://127.0.0.2:9") == ("127.0.0.2", 9)
     assert main(["service", "--url", "http://192.168.1.1:3000", "--out", str(tmp_path)]) == 2
     assert main(["service", "--url", stand_in, "--model", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_issue_17_targets_table_marks_met_and_missed():
+    from bench.layers import export_target, targets_markdown
+
+    rows = [
+        dict(method="standard", size="s"),
+        dict(method="soc", size="s", onnx_ms_b1_vs_standard=4.2, onnx_ms_b256_vs_standard=5.5,
+             onnx_speedup_b1=2.3, onnx_speedup_b256=0.8),
+        dict(method="aol", size="s", onnx_ms_b1_vs_standard=1.01, onnx_speedup_b1=1.5),
+    ]
+    assert export_target("soc") == 5.0  # 4 Chebyshev terms at k = 3, plus one
+    assert export_target("bro") is None
+    lines = targets_markdown(rows, [1, 256]).splitlines()
+    assert len(lines) == 4 and "standard" not in "".join(lines)
+    assert "| soc | s | ≤ 5 | 4.2 ✓ | 5.5 ✗ | 2.3 ✓ | 0.8 ✗ |" in lines
+    assert "| aol | s | ≤ 1.05 | 1.01 ✓ | – | 1.5 ✗ | – |" in lines
