@@ -102,10 +102,13 @@ def _env_workers(default: int | str) -> int | str:
 #: answers 503 when it predicts a miss). ``LIPCERT_MAX_BATCH``, ``LIPCERT_MAX_LATENCY_MS``.
 MAX_BATCH_SIZE = _env_int("LIPCERT_MAX_BATCH", 64)
 MAX_LATENCY_MS = _env_int("LIPCERT_MAX_LATENCY_MS", 1000)
-#: Worker processes (``LIPCERT_WORKERS``; BentoML's ``services.lipcert.workers`` wins): each
-#: has its own event loop, batcher and sessions, and loads (re-audits) every model itself. With
-#: more than one, each session gets one ONNX Runtime thread unless ``LIPCERT_ORT_THREADS`` says.
-WORKERS = _env_workers(1)
+#: Worker processes (``LIPCERT_WORKERS``, default one per core; BentoML's
+#: ``services.lipcert.workers`` wins): each has its own event loop, batcher and sessions, and
+#: loads (re-audits) every model itself, so memory grows with workers × models. One event loop
+#: per core is what met issue 17's targets on two cores (one worker: half the throughput at 32
+#: clients, docs/service.md). With more than one, each session gets one ONNX Runtime thread
+#: unless ``LIPCERT_ORT_THREADS`` says.
+WORKERS = _env_workers("cpu_count")
 #: Threads per worker for the synchronous APIs and the batch runs (``LIPCERT_API_THREADS``):
 #: ONNX Runtime releases the GIL, so a run overlaps the event loop's HTTP work.
 API_THREADS = _env_int("LIPCERT_API_THREADS", 4)

@@ -27,8 +27,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Server settings for tests: one ONNX Runtime thread, a short load profile, CPU only.
+#: Server settings for tests: one worker (the fault tests kill and measure it), one ONNX Runtime
+#: thread, a short load profile, CPU only.
 BASE_ENV = {
+    "LIPCERT_WORKERS": "1",
     "LIPCERT_ORT_THREADS": "1",
     "LIPCERT_PROFILE_RUNS": "2",
     "LIPCERT_PROVIDERS": "CPUExecutionProvider",
