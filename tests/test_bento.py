@@ -51,8 +51,9 @@ def test_bento_serves_the_models_it_was_built_with(tmp_path: Path) -> None:
     from models.registry import create_model
 
     home = tmp_path / "bentoml"
+    # one worker: this test is about what the bento serves, not scaling (each worker re-audits)
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True",
-           "OMP_NUM_THREADS": "1", "LIPCERT_PROFILE_RUNS": "0"}
+           "OMP_NUM_THREADS": "1", "LIPCERT_PROFILE_RUNS": "0", "LIPCERT_WORKERS": "1"}
     env.pop("LIPCERT_MODELS", None)
     env.pop("LIPCERT_BENTO_MODELS", None)
     torch.manual_seed(0)
