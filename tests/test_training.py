@@ -79,7 +79,9 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
     assert meta["certified_accuracy"] == pytest.approx(report["certified_accuracy"])
     assert report["lipschitz_bound"] == meta["lipschitz_bound"]
     if method != "standard":
-        assert report["lipschitz_bound"] <= 1 + 1e-4
+        # SOC: each layer's polynomial peaks about 1e-5 above 1 (Chebyshev, 4 terms; audited),
+        # about 3e-4 over the ~25 layers of xxs; every other method stays within 1e-4.
+        assert report["lipschitz_bound"] <= 1 + (5e-4 if method == "soc" else 1e-4)
 
     # The reported CRA is what certify computes from ORT logits with the file's audited bound.
     logits = _ort_logits(run / "model.onnx", digits.test_images)

@@ -97,6 +97,7 @@ def train(
         # -- the epochs: one optimizer step per pass, the guard every ``guard_every`` steps --
         clock.start()
         net.train()
+        unlogged = None  # the last accepted window's record, if the cadence did not log it
         while True:
             elapsed = timer.observe(dist.broadcast(clock.elapsed(), device))
             if schedule.finished(elapsed, state.step, timer.step_time):
@@ -126,8 +127,10 @@ def train(
                 record = window.record(state, elapsed, lr=lr)
                 if dist.main and progress is not None:
                     progress(record)
+                unlogged = record
                 if dist.main and cadence.log_due(elapsed, epoch_done):
                     files.event("train", **record)
+                    unlogged = None
             window.reset(elapsed)
 
             # Evaluation and checkpoints: the clock is paused (not charged to the budget).
@@ -147,6 +150,8 @@ def train(
         state.elapsed_s = dist.broadcast(clock.elapsed(), device)
         if window.count > 0:  # the steps after the last guard window
             files.event("train", **window.record(state, state.elapsed_s))
+        elif unlogged is not None:  # the run ended on a guard window the cadence did not log
+            files.event("train", **unlogged)
         _keep_last_good_weights(cfg, guard, state)
         environment = _environment(model, device, dist, amp)
         if average is not None:  # the steps after the last accepted window
