@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 from typing import Any
 
@@ -117,3 +118,25 @@ def dispatch_without_learned_wait() -> bool:
     _bentoml_refresh = Optimizer.trigger_refresh
     Optimizer.trigger_refresh = _refresh_without_wait  # type: ignore[method-assign]
     return True
+
+
+def prepare_serving_worker(worker_index: int | None) -> None:
+    """Keep pauses off a serving worker's event loop (once per worker, at startup).
+
+    The 1 % tail at 32 clients (docs/service.md, "Scaling with clients") was the worker's event
+    loop stopping, so every request it held, for full (generation-2) garbage collections of
+    0.1–0.5 s every few seconds under load. Their heap was BentoML's request-timeout timers, each
+    keeping its request's objects for 60 s (:func:`release_timeout_timers`), and the ~0.4 M
+    objects a worker loads (torch, ONNX, the re-audit) and keeps for life, collected once here
+    and then frozen out of the collector's sight (``gc.freeze``; only in a ``bentoml serve``
+    worker, ``worker_index`` not None, whose process this is: in process, ``to_asgi()`` in a
+    test, the objects are someone else's). The batcher dispatches without its learned wait
+    (:func:`dispatch_without_learned_wait`).
+    """
+    release_timeout_timers()
+    dispatch_without_learned_wait()
+    if worker_index is not None:
+        gc.collect()
+        gc.freeze()
+        logger.debug("lipcert: worker %d: %d objects frozen out of the garbage collector",
+                     worker_index, gc.get_freeze_count())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import time
@@ -41,7 +40,7 @@ from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from pydantic import Field
 
 from service.bento_models import bento_sources, model_references
-from service.bentoml_patches import dispatch_without_learned_wait, release_timeout_timers
+from service.bentoml_patches import prepare_serving_worker
 from service.errors import InvalidArgument, NotFound, UnprocessableEntity
 from service.images import ImageLimits, decode_image, to_model_input
 from service.loader import (
@@ -102,12 +101,10 @@ def _env_workers(default: int | str) -> int | str:
 #: answers 503 when it predicts a miss). ``LIPCERT_MAX_BATCH``, ``LIPCERT_MAX_LATENCY_MS``.
 MAX_BATCH_SIZE = _env_int("LIPCERT_MAX_BATCH", 64)
 MAX_LATENCY_MS = _env_int("LIPCERT_MAX_LATENCY_MS", 1000)
-#: Worker processes (``LIPCERT_WORKERS``, default one per core; BentoML's
-#: ``services.lipcert.workers`` wins): each has its own event loop, batcher and sessions, and
-#: loads (re-audits) every model itself, so memory grows with workers × models. One event loop
-#: per core is what met issue 17's targets on two cores (one worker: half the throughput at 32
-#: clients, docs/service.md). With more than one, each session gets one ONNX Runtime thread
-#: unless ``LIPCERT_ORT_THREADS`` says.
+#: Worker processes (``LIPCERT_WORKERS``, default one per core, as met issue 17's targets on two
+#: cores; BentoML's ``services.lipcert.workers`` wins): each has its own event loop, batcher and
+#: sessions and loads (re-audits) every model, so memory grows with workers × models. With more
+#: than one, each session gets one ONNX Runtime thread unless ``LIPCERT_ORT_THREADS`` says.
 WORKERS = _env_workers("cpu_count")
 #: Threads per worker for the synchronous APIs and the batch runs (``LIPCERT_API_THREADS``):
 #: ONNX Runtime releases the GIL, so a run overlaps the event loop's HTTP work.
@@ -165,25 +162,8 @@ class LipCert(_BentoModelReferences):
 
     @bentoml.on_startup
     def prepare_worker(self) -> None:
-        """Keep pauses off the serving worker's event loop (once per worker, after ``__init__``).
-
-        The 1 % tail at 32 clients (docs/service.md, "Scaling with clients") was the worker's
-        event loop stopping, so every request it held, for full (generation-2) garbage
-        collections of 0.1–0.5 s every few seconds under load. Their heap was BentoML's
-        request-timeout timers, each keeping its request's objects for 60 s (released here, see
-        :mod:`service.bentoml_patches`), and the ~0.4 M objects a worker loads (torch, ONNX, the
-        re-audit) and keeps for life, collected once here and then frozen out of the
-        collector's sight (``gc.freeze``; only in a ``bentoml serve`` worker, whose process
-        this is: in process, ``to_asgi()`` in a test, the objects are someone else's). The
-        adaptive batcher dispatches without its learned wait (same module).
-        """
-        release_timeout_timers()
-        dispatch_without_learned_wait()
-        if bentoml.server_context.worker_index is not None:
-            gc.collect()
-            gc.freeze()
-            logger.debug("lipcert: worker %d: %d objects frozen out of the garbage collector",
-                         bentoml.server_context.worker_index, gc.get_freeze_count())
+        """Keep pauses off the serving worker's event loop: :func:`prepare_serving_worker`."""
+        prepare_serving_worker(bentoml.server_context.worker_index)
 
     def __is_ready__(self) -> bool:
         """Ready only with at least one servable model."""
