@@ -39,7 +39,7 @@ def test_bessel_and_chebyshev_building_blocks():
 
 
 def test_chebyshev_beats_taylor_at_every_degree_on_the_segment():
-    for terms in range(2, 7):  # (beyond, both sit at the grid's padding, about 1e-6)
+    for terms in range(2, 7):
         cheb = truncation_error(exp_coefficients("chebyshev", terms, 0.7), 0.7)
         taylor = truncation_error(exp_coefficients("taylor", terms, 0.7), 0.7)
         assert cheb < taylor / 3
