@@ -77,6 +77,14 @@ def bjorck(w: torch.Tensor, iters: int = 20, beta: float = 0.5, order: int = 1) 
     four backward instead of a graph of ~10 small nodes per step (the training-step cost of BCOP
     and AOC on small matrices is mostly that per-node overhead).
 
+    ``iters`` is a cap: the loop stops once converged to the dtype's precision. When every
+    ``|WᵀW − I|`` entry is at most ``√eps`` the step is taken and the loop ends: its result is
+    within ``~0.75·eps`` of orthogonal, where the remaining steps would only add rounding (a
+    singular value ``1 − δ`` becomes ``1 − 1.5δ² + O(δ³)``). The gradient is the same up to the same
+    order: at the fixed point one step's Jacobian (``β = ½``) is the projection
+    ``W·A ↦ W·skew(A)``, so further steps repeat a projection already applied. The test is one
+    reduction per step (every 4th step on a GPU, where it is a device sync).
+
     Raises:
         ValueError: for ``order != 1``.
     """
@@ -92,7 +100,7 @@ def bjorck(w: torch.Tensor, iters: int = 20, beta: float = 0.5, order: int = 1) 
 
 
 class _BjorckIterations(torch.autograd.Function):
-    """``iters`` steps ``W ← (1+β)W − βW·G``, ``G = WᵀW``, on ``(N, c, r)``, as one node.
+    """Up to ``iters`` steps ``W ← (1+β)W − βW·G``, ``G = WᵀW``, on ``(N, c, r)``, as one node.
 
     Backward of one step, for the incoming gradient ``D``: ``(1+β)D − βD·G − βW(M + Mᵀ)`` with
     ``M = WᵀD`` (the derivative of ``W ↦ W WᵀW`` is ``dW·G + W·dWᵀW + W Wᵀ·dW``). The iterates
@@ -102,10 +110,16 @@ class _BjorckIterations(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: torch.Tensor, iters: int, beta: float) -> torch.Tensor:
         saved = []
-        for _ in range(iters):
+        tol = torch.finfo(w.dtype).eps ** 0.5
+        every = 1 if w.device.type == "cpu" else 4
+        eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+        for i in range(iters):
             gram = torch.bmm(w.transpose(-1, -2), w)
             saved += [w, gram]
+            converged = i % every == 0 and bool((gram - eye).abs().amax() <= tol)
             w = torch.baddbmm(w, w, gram, beta=1 + beta, alpha=-beta)
+            if converged:
+                break
         ctx.save_for_backward(*saved)
         ctx.beta = beta
         return w

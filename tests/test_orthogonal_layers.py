@@ -63,6 +63,50 @@ def test_bjorck_converges_to_the_polar_factor():
     torch.testing.assert_close(q.mT @ q, torch.eye(256, dtype=torch.float64), atol=1e-8, rtol=0)
 
 
+def _bjorck_loop(w: torch.Tensor, iters: int) -> torch.Tensor:
+    """The plain differentiable loop: fixed ``iters`` steps, autograd through every one."""
+    w = w / spectral_norm_upper_bound(w.detach()).clamp_min(1e-12)
+    for _ in range(iters):
+        w = 1.5 * w - 0.5 * w @ (w.mT @ w)
+    return w
+
+
+def _steps(out: torch.Tensor) -> int:
+    """Björck steps behind ``out``: the one node saves (iterate, Gram) per step taken."""
+    node = out.grad_fn
+    while not hasattr(node, "saved_tensors"):  # past the reshape back to the input's batch dims
+        node = node.next_functions[0][0]
+    return len(node.saved_tensors) // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bjorck_stops_when_converged_with_the_fixed_loops_value_and_gradient(dtype):
+    torch.manual_seed(0)
+    # Near-orthogonal (the training regime) and a spread spectrum; square and tall (AOC).
+    near = torch.linalg.qr(torch.randn(5, 32, 32, dtype=torch.float64))[0]
+    near = near + 3e-2 * torch.randn(5, 32, 32, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(2, 24, 12, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(2, 12, 12, dtype=torch.float64))[0]
+    tall = u @ torch.diag_embed(torch.linspace(0.3, 1.0, 12, dtype=torch.float64)) @ v.mT
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for start in (near, tall):
+        w = start.to(dtype).requires_grad_(True)
+        ref_w = start.to(dtype).requires_grad_(True)
+        out, ref = bjorck(w, iters=20), _bjorck_loop(ref_w, 20)
+        assert _steps(out) < 20, "a converged start should not run all 20 steps"
+        torch.testing.assert_close(out, ref, atol=tol, rtol=0)
+        probe = torch.randn_like(out)
+        (out * probe).sum().backward()
+        (ref * probe).sum().backward()
+        torch.testing.assert_close(w.grad, ref_w.grad, atol=10 * tol, rtol=0)
+    # An exactly orthogonal start takes one step; an ill-conditioned one still gets all 20.
+    q = torch.linalg.qr(torch.randn(3, 16, 16, dtype=dtype))[0].requires_grad_(True)
+    assert _steps(bjorck(q, iters=20)) == 1
+    bad = q.detach() @ torch.diag_embed(torch.logspace(-4, 0, 16, dtype=dtype))  # σ_min = 1e-4
+    bad.requires_grad_(True)
+    assert _steps(bjorck(bad, iters=20)) == 20
+
+
 def test_spectral_norm_upper_bound_is_an_upper_bound_and_tight_when_orthogonal():
     w = torch.randn(20, 8, 8, dtype=torch.float64)
     assert (spectral_norm_upper_bound(w).flatten() >= torch.linalg.matrix_norm(w, 2) - 1e-12).all()
