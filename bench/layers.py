@@ -37,17 +37,15 @@ from bench.complexity import (
     formula_costs,
     formula_table,
     layer_shapes,
-    soc_eval_terms,
 )
 from bench.machine import describe_machine
 from bench.onnx_io import export_onnx, ort_session
 from bench.tables import markdown_table, result_doc, write_result
-from bench.timing import median, synchronize, time_call
-from training.tables import render_markdown
+from bench.targets import BASELINE, targets_markdown
+from bench.timing import median, synchronize, time_call, time_round_robin
 
 log = logging.getLogger(__name__)
 
-BASELINE = "standard"
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,38 @@ class LayersConfig:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if len(self.input_shape) != 3 or self.input_shape[1] != self.input_shape[2]:
             raise ValueError(f"input must be CxHxW with H == W, got {self.input_shape}")
+
+
+def time_inference(
+    cfg: LayersConfig, rows: list[dict[str, Any]], calls: dict[tuple[int, str], Any]
+) -> None:
+    """Time every inference call in turns (:func:`bench.timing.time_round_robin`); fill the rows.
+
+    ``calls`` maps ``(row index, "eager_s_b1" | "onnx_s_b1" | ...)`` to a call. A sample at
+    batch ``b`` is ``max(1, min(16, 256 // b))`` calls (a batch-1 call is too short to time
+    alone on a loaded machine), divided back to one call.
+    """
+    loops = {key: max(1, min(16, 256 // int(key[1].rsplit("_b", 1)[1]))) for key in calls}
+
+    def looped(fn, n):
+        def run() -> None:
+            for _ in range(n):
+                fn()
+
+        return run
+
+    times = time_round_robin(
+        {key: looped(fn, loops[key]) for key, fn in calls.items()},
+        repeats=cfg.repeats, warmup=max(cfg.warmup, 2), device=cfg.device,
+    )
+    for (i, key), samples in times.items():
+        row = rows[i]
+        row["raw"][key] = [t / loops[i, key] for t in samples]
+        row[key.replace("_s_b", "_ms_b")] = 1e3 * median(row["raw"][key])
+    for row in rows:
+        for b in cfg.infer_batches:
+            if f"onnx_ms_b{b}" in row:
+                row[f"onnx_speedup_b{b}"] = row[f"eager_ms_b{b}"] / row[f"onnx_ms_b{b}"]
 
 
 # Figures that get a ``_vs_standard`` ratio column (lower is better for all but images/s).
@@ -164,8 +194,14 @@ def _cuda_peak_mb(fn, device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
-    """Measure one method × size; returns a flat row (raw timings under ``"raw"``)."""
+def bench_one(
+    cfg: LayersConfig, method: str, size: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Measure one method × size: a flat row (raw timings under ``"raw"``) and its inference calls.
+
+    The inference calls (``{"eager_s_b1": fn, "onnx_s_b1": fn, ...}``) are not timed here:
+    :func:`time_inference` times them in turns with the other methods' (ratios need that).
+    """
     from models import create_model
 
     dev = cfg.device
@@ -209,19 +245,19 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
     if dev == "cuda":
         row["train_peak_mb"] = _cuda_peak_mb(step, dev)
 
-    # Eager inference (eval + no_grad: the eval-mode weight caches are used after warm-up).
+    # Inference callables; run_layers times them in turns with the other methods of this size.
     model.eval()
+    infer: dict[str, Any] = {}
     for b in cfg.infer_batches:
         xb = torch.rand(b, *cfg.input_shape, device=dev)
 
-        def infer(xb=xb) -> None:
+        def eager(xb=xb) -> None:
             with torch.no_grad():
                 model(xb)
 
-        raw[f"eager_s_b{b}"] = time_call(infer, repeats=cfg.repeats, warmup=cfg.warmup, device=dev)
-        row[f"eager_ms_b{b}"] = 1e3 * median(raw[f"eager_s_b{b}"])
+        infer[f"eager_s_b{b}"] = eager
         if dev == "cuda" and b == max(cfg.infer_batches):
-            row["infer_peak_mb"] = _cuda_peak_mb(infer, dev)
+            row["infer_peak_mb"] = _cuda_peak_mb(eager, dev)
 
     # ONNX Runtime on the exported model.
     onnx_path = None
@@ -240,13 +276,7 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
         row["onnx_max_abs_diff"] = float(np.abs(session.run(None, {"image": check})[0] - ref).max())
         for b in cfg.infer_batches:
             xb = rng.random((b, *cfg.input_shape), dtype=np.float32)
-            raw[f"onnx_s_b{b}"] = time_call(
-                lambda xb=xb: session.run(None, {"image": xb}), repeats=cfg.repeats,
-                warmup=max(cfg.warmup, 2),
-            )
-            row[f"onnx_ms_b{b}"] = 1e3 * median(raw[f"onnx_s_b{b}"])
-            row[f"onnx_speedup_b{b}"] = row[f"eager_ms_b{b}"] / row[f"onnx_ms_b{b}"]
-        del session
+            infer[f"onnx_s_b{b}"] = lambda xb=xb: session.run(None, {"image": xb})
 
     if cfg.memory and dev == "cpu":
         row["train_peak_mb"] = _probe_cpu_memory(memory_spec(cfg, method, size, "train", None))
@@ -256,7 +286,7 @@ def bench_one(cfg: LayersConfig, method: str, size: str) -> dict[str, Any]:
                 memory_spec(cfg, method, size, "onnx", onnx_path)
             )
     row["raw"] = raw
-    return row
+    return row, infer
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -269,50 +299,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         for key in _ratio_keys(row):
             if isinstance(ref.get(key), (int, float)) and ref[key]:
                 row[f"{key}_vs_standard"] = row[key] / ref[key]
-
-
-def export_target(method: str) -> float | None:
-    """Issue 17's bound on exported ONNX ÷ exported standard (every batch), None: no target.
-
-    AOL and BCOP export one circular convolution (≤ 1.05), CPL and SLL two (≤ 2), Cayley and LOT
-    a per-frequency form (≤ 1.5), SOC its polynomial's terms (≤ terms + 1 at k = 3).
-    """
-    if method == "soc":
-        return float(soc_eval_terms(3) + 1)
-    return {"aol": 1.05, "bcop": 1.05, "cpl": 2.0, "sll": 2.0, "cayley": 1.5, "lot": 1.5}.get(
-        method
-    )
-
-
-def targets_markdown(rows: list[dict[str, Any]], batches: Sequence[int]) -> str:
-    """Issue 17's export targets per method: ONNX ÷ standard and eager ÷ ONNX, met or not.
-
-    Eager ÷ ONNX must be ≥ 2 at batch 1 and ≥ 1 (not slower) at the other batches.
-    """
-
-    def verdict(value: Any, ok: bool) -> str:
-        if not isinstance(value, (int, float)):
-            return "–"
-        return f"{value:.3g} {'✓' if ok else '✗'}"
-
-    body = []
-    for row in rows:
-        if row["method"] == BASELINE:
-            continue
-        target = export_target(row["method"])
-        cells = [row["method"], row["size"], "–" if target is None else f"≤ {target:g}"]
-        for b in batches:
-            v = row.get(f"onnx_ms_b{b}_vs_standard")
-            cells.append(verdict(v, target is None or (v is not None and v <= target)))
-        for b in batches:
-            v = row.get(f"onnx_speedup_b{b}")
-            need = 2.0 if b == 1 else 1.0
-            cells.append(verdict(v, v is not None and v >= need))
-        body.append(cells)
-    heads = ["method", "size", "ONNX ÷ std target"]
-    heads += [f"ONNX ÷ std b{b}" for b in batches]
-    heads += [f"eager ÷ ONNX b{b} (≥ {2 if b == 1 else 1})" for b in batches]
-    return render_markdown(heads, body)
 
 
 def run_layers(cfg: LayersConfig) -> dict[str, Any]:
@@ -329,9 +315,15 @@ def run_layers(cfg: LayersConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in cfg.sizes:
+        calls: dict[tuple[int, str], Any] = {}
         for method in methods:
             log.info("bench layers: %s-%s", method, size)
-            rows.append(bench_one(cfg, method, size))
+            row, infer = bench_one(cfg, method, size)
+            calls.update({(len(rows), key): fn for key, fn in infer.items()})
+            rows.append(row)
+        log.info("bench layers: inference at %s, every method in turn", size)
+        time_inference(cfg, rows, calls)
+        del calls
     add_ratios(rows)
     doc = result_doc(
         "layers",

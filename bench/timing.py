@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
+
+K = TypeVar("K")
 
 
 def synchronize(device: str) -> None:
@@ -49,3 +52,26 @@ def time_call(
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def time_round_robin(
+    fns: Mapping[K, Callable[[], object]], *, repeats: int, warmup: int = 1, device: str = "cpu"
+) -> dict[K, list[float]]:
+    """Seconds per call of every ``fns`` entry, timed in turns: each round calls each one once.
+
+    On a shared machine the load drifts over minutes; timing one function after another lets
+    that drift land on some functions and not others, so their ratios move. Taking turns puts
+    every function under the same load history, which is what a ratio needs.
+
+    Raises:
+        ValueError: ``repeats < 1`` or ``warmup < 0``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for fn in fns.values():
+        time_call(fn, repeats=1, warmup=max(warmup - 1, 0), device=device)
+    times: dict[K, list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            times[key] += time_call(fn, repeats=1, warmup=0, device=device)
+    return times

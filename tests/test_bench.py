@@ -187,7 +187,7 @@ def test_service_refuses_non_loopback_and_unknown_models(stand_in, tmp_path):
 
 
 def test_issue_17_targets_table_marks_met_and_missed():
-    from bench.layers import export_target, targets_markdown
+    from bench.targets import export_target, targets_markdown
 
     rows = [
         dict(method="standard", size="s"),
@@ -201,3 +201,16 @@ def test_issue_17_targets_table_marks_met_and_missed():
     assert len(lines) == 4 and "standard" not in "".join(lines)
     assert "| soc | s | ≤ 5 | 4.2 ✓ | 5.5 ✗ | 2.3 ✓ | 0.8 ✗ |" in lines
     assert "| aol | s | ≤ 1.05 | 1.01 ✓ | – | 1.5 ✗ | – |" in lines
+
+
+def test_round_robin_takes_turns_and_returns_every_sample():
+    from bench.timing import time_round_robin
+
+    calls: list[str] = []
+    times = time_round_robin(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2
+    )
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up each, then turns
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        time_round_robin({"a": lambda: None}, repeats=0)
