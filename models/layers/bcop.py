@@ -4,8 +4,9 @@ Li, Wang, Anil, Lucas, Grosse & Jacobsen, "Preventing Gradient Attenuation in Li
 Constrained Convolutional Networks", NeurIPS 2019, arXiv:1911.00937.
 
 Guarantee: orthogonal (all singular values 1) under circular padding, for every input size, up to
-the Björck–Bowie approximation (20 iterations, β = 0.5, from a pre-scaling that bounds the
-spectral norm by 1; converged to float precision for well-conditioned matrices).
+the Björck–Bowie approximation (at most 20 iterations, β = 0.5, from a pre-scaling that bounds
+the spectral norm by 1; the loop stops once ``|WᵀW − I| ≤ √eps``, so it ends converged to float
+precision for well-conditioned matrices and runs all 20 only for ill-conditioned ones).
 Construction: ``2k − 1`` unconstrained ``c × c`` matrices are orthonormalized; the first is an
 orthogonal matrix ``H``, the other ``2(k − 1)`` give symmetric projectors ``P = MMᵀ`` of rank
 ``⌊c/2⌋`` (M: the first half of the orthogonal columns). Each pair ``(P, R)`` is the 2×2 kernel
@@ -13,10 +14,11 @@ orthogonal matrix ``H``, the other ``2(k − 1)`` give symmetric projectors ``P 
 the unit circle); ``k − 1`` of them are combined by matrix convolution and multiplied by ``H``.
 ``kernel_size=1`` is just ``H`` (the paper's orthogonal linear layer).
 Padding: circular, ``k // 2``.
-Training: the kernel is rebuilt every step (Björck as one autograd node, all 2×2 blocks in one
-batched product) and applied by :func:`models.ops.circular_conv2d` (the circular pad written once,
-``channels_last`` on CPU); the same map and gradients as the plain loop, 0.6–0.7× the comparison
-paper's training step (``python -m bench reference``, docs/bench.md).
+Training: the kernel is rebuilt every step (Björck as one autograd node that stops when
+converged, all 2×2 blocks in one batched product) and applied by
+:func:`models.ops.circular_conv2d` (the circular pad written once, ``channels_last`` on CPU); the
+same map and gradients as the plain loop, under 0.7× the comparison paper's training step
+(``python -m bench reference``, docs/bench.md).
 Inference: one plain circular convolution with the kernel computed in float64.
 """
 
@@ -101,7 +103,7 @@ class BCOPConv2d(OrthogonalKernelConv2d):
         channels: input = output channels.
         kernel_size: odd kernel size.
         bias: learned bias.
-        bjorck_iters: Björck–Bowie iterations (the paper: 20).
+        bjorck_iters: cap on the Björck–Bowie iterations (the paper runs 20 always).
     """
 
     def __init__(
