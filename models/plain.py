@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.exp_series import coefficients_from_ratios, exp_coefficients
+from models.fourier_stages import flush_tiny, fourier_stages, one_sided_spectrum_in_h
 
 
 def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -128,66 +129,6 @@ class ConvExponential(nn.Module):
         return f"terms={self.terms}, series={'taylor' if self.horner is None else 'ratios'}"
 
 
-def _one_sided_spectrum_in_h(spectrum: torch.Tensor) -> torch.Tensor:
-    """``(N, N//2+1, c, c)`` one-sided in W → ``(N//2+1, N, c, c)`` one-sided in H.
-
-    A real convolution's matrices satisfy ``Q(−f) = conj(Q(f))``, so the missing
-    ``Q(kh, kw)``, ``kw > N/2``, is ``conj(Q(−kh, N − kw))``.
-    """
-    size, half = spectrum.shape[:2]
-    mirror_h = (-torch.arange(half)) % size
-    mirrored = spectrum[mirror_h][:, size - torch.arange(half, size)].conj()
-    return torch.cat([spectrum[:half], mirrored], dim=1)
-
-
-def _fourier_stages(size: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three constant matrices of :class:`FourierConv2d`, float64.
-
-    ``N = size`` (circular size), ``n = N − 2·pad`` (input and output size), ``r = N//2 + 1``.
-    Zero padding by ``pad`` and the crop back to ``n`` are folded in (only the columns, resp.
-    rows, of the ``n`` kept pixels).
-
-    - ``dft_h`` ``(2r, n)``, rows ``(kh, Re|Im)``: the one-sided DFT along H, each bin scaled by
-      ``√(w_k/N)`` (``w_k = 1`` for the self-conjugate bins 0 and ``N/2``, else 2). Its columns
-      are orthonormal (an isometry of real signals; the imaginary rows of self-conjugate bins
-      are exactly 0). Its transpose is the inverse stage.
-    - ``dft_w`` ``(2N, 2n)``, rows ``(kw, Re|Im)``, columns ``(Re|Im, w)``: the unitary DFT
-      ``(C − iS)/√N`` along W written as a real matrix (orthogonal up to the crop).
-    - ``idft_w`` ``(2n, 4N)``, rows ``(Re|Im, w)``, columns ``(kw, t, j)``: ``dft_wᵀ`` (the
-      inverse DFT) after the complex product's combination. The blocks give
-      ``P[t, j] = X_j Q_tᵀ`` (``X_0, X_1 = Re X, Im X``; ``Q_0, Q_1 = Re Q, Im Q``), and
-      ``Re QX = P00 − P11``, ``Im QX = P10 + P01``: the columns of ``P00`` and ``P10`` are those
-      of ``dft_wᵀ``, the columns of ``P11`` their negation and of ``P01`` a copy (exact in any
-      precision, which :meth:`FourierConv2d.stage_factors` checks).
-    """
-    n, half = size - 2 * pad, size // 2 + 1
-    kept = slice(pad, pad + n)
-    t = torch.arange(size)
-
-    def angle(k: torch.Tensor) -> torch.Tensor:  # 2π(k·t mod N)/N: exact zeros and symmetries
-        return 2 * torch.pi * (torch.outer(k, t) % size).to(torch.float64) / size
-
-    weight = torch.full((half,), 2.0, dtype=torch.float64)
-    weight[0] = 1.0
-    if size % 2 == 0:
-        weight[-1] = 1.0
-    scale = (weight / size).sqrt()[:, None]
-    a = angle(torch.arange(half))
-    dft_h = torch.stack([torch.cos(a) * scale, -torch.sin(a) * scale], dim=1)  # (r, 2, N)
-    dft_h = dft_h.reshape(2 * half, size)[:, kept]
-    a = angle(t)
-    c, s = torch.cos(a) / size**0.5, torch.sin(a) / size**0.5  # symmetric (k, w)
-    dft_w = torch.stack([torch.stack([c, s], dim=1), torch.stack([-s, c], dim=1)], dim=1)
-    dft_w = dft_w[..., kept].reshape(2 * size, 2 * n)  # (kw, Re|Im) x (Re|Im, w)
-    inverse = dft_w.T.reshape(2 * n, size, 2)  # (Re|Im, w) x (kw, Re|Im of Y)
-    idft_w = torch.stack(
-        [torch.stack([inverse[..., 0], inverse[..., 1]], dim=-1),  # t=0: P00 → Re Y, P01 → Im Y
-         torch.stack([inverse[..., 1], -inverse[..., 0]], dim=-1)],  # t=1: P10 → Im Y, P11 → −Re Y
-        dim=-2,
-    )  # (2n, N, t, j)
-    return dft_h, dft_w, idft_w.reshape(2 * n, 4 * size)
-
-
 class StageFactors(NamedTuple):
     """The factors of a :class:`FourierConv2d`'s linear map, read from its stored buffers (float64).
 
@@ -231,10 +172,12 @@ class FourierConv2d(nn.Module):
 
     The blocks store ``[Re Q(f)ᵀ, Im Q(f)ᵀ]`` (``2c²`` numbers per frequency, half the real
     ``2c × 2c`` form); the sum and difference of the four products are folded into ``idft_w``
-    (see :func:`_fourier_stages`), which costs no extra pass over the data. ONNX's ``DFT``
-    operator was measured too and is not used: in ONNX Runtime 1.23 it is slower than these
-    GEMMs on the CPU and, at LOT's non-power-of-two sizes (34, 18, 10, 6), 10x slower and off
-    by up to 1e-4.
+    (see :func:`models.fourier_stages.fourier_stages`), which costs no extra pass over the data.
+    ONNX's ``DFT`` operator was measured too and is not used: in ONNX Runtime 1.23 it is slower
+    than these GEMMs on the CPU and, at LOT's non-power-of-two sizes (34, 18, 10, 6), 10x slower
+    and off by up to 1e-4. Tiny entries (float64 noise of exact zeros) are stored as 0
+    (:func:`models.fourier_stages.flush_tiny`): in float32 products they turn denormal, slow on
+    x86.
 
     The Lipschitz bound (:meth:`lipschitz_upper_bound`) is ``‖dft_h‖²·‖dft_w‖·‖inverse‖·
     max_f ‖Q(f)‖``, each factor an exact float64 SVD of the stored float32 matrices: tight
@@ -269,13 +212,14 @@ class FourierConv2d(nn.Module):
         self.pad = int(pad)
         self.size = int(size)
         self.input_size = self.size - 2 * self.pad
-        q = _one_sided_spectrum_in_h(spectrum.detach().to(torch.complex128))  # (r, N, c, c)
+        q = one_sided_spectrum_in_h(spectrum.detach().to(torch.complex128))  # (r, N, c, c)
         q = q.reshape(half * size, c_out, c_in).transpose(-1, -2)  # Q(f)ᵀ, F = (kh, kw)
-        dft_h, dft_w, idft_w = _fourier_stages(self.size, self.pad)
+        dft_h, dft_w, idft_w = fourier_stages(self.size, self.pad)
         self.register_buffer("dft_h", dft_h.float())
         self.register_buffer("dft_w", dft_w.float())
         self.register_buffer("idft_w", idft_w.float())
-        self.register_buffer("blocks", torch.stack([q.real, q.imag], dim=1).float().contiguous())
+        blocks = flush_tiny(torch.stack([q.real, q.imag], dim=1))
+        self.register_buffer("blocks", blocks.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, n, n) -> (B, C, n, n)
