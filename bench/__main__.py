@@ -54,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     ld.add_argument("--threads", type=int, default=1, help="threads of the loading process")
     ld.add_argument("--out", type=Path, default=Path("bench_results/load"))
+    frm = sub.add_parser("forms", help="every ONNX graph form of one network, timed in turns")
+    frm.add_argument("--methods", default="standard,lot", help="comma list (default standard,lot)")
+    frm.add_argument("--size", default="s", help="network size (default: s)")
+    frm.add_argument("--input", default="3x32x32", help="CxHxW (default 3x32x32)")
+    frm.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    frm.add_argument("--batches", default="1,256", help="inference batches (default 1,256)")
+    frm.add_argument("--repeats", type=int, default=5, help="samples each, median (default 5)")
+    frm.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
+    frm.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="cuda: ONNX Runtime's CUDA provider first")
+    frm.add_argument("--out", type=Path, default=Path("bench_results/forms"))
     ref = sub.add_parser(
         "reference", help="training step of each layer against the comparison paper's own code"
     )
@@ -129,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
                                          args.classes, args.threads, args.out))
             print((args.out / "load.md").read_text(encoding="utf-8"))
             print(f"wrote {args.out}/load.json, load.csv, load.md")
+        elif args.command == "forms":
+            from bench.forms import FormsConfig, run_forms
+            from bench.layers import parse_list, parse_shape
+
+            run_forms(FormsConfig(
+                tuple(parse_list(args.methods)), args.size, parse_shape(args.input),
+                args.classes, tuple(parse_list(args.batches, int)), args.repeats, args.threads,
+                args.device, out=args.out,
+            ))
+            print((args.out / "forms.md").read_text(encoding="utf-8"))
+            print(f"wrote {args.out}/forms.json, forms.md")
         elif args.command == "reference":
             from bench.layers import parse_list
             from bench.reference import run_reference

@@ -42,7 +42,7 @@ from bench.machine import describe_machine
 from bench.onnx_io import export_onnx, ort_session
 from bench.tables import markdown_table, result_doc, write_result
 from bench.targets import BASELINE, targets_markdown
-from bench.timing import median, synchronize, time_call, time_round_robin
+from bench.timing import median, synchronize, time_batched_round_robin, time_call
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +105,17 @@ class LayersConfig:
 def time_inference(
     cfg: LayersConfig, rows: list[dict[str, Any]], calls: dict[tuple[int, str], Any]
 ) -> None:
-    """Time every inference call in turns (:func:`bench.timing.time_round_robin`); fill the rows.
+    """Time every inference call in turns (:func:`bench.timing.time_batched_round_robin`).
 
-    ``calls`` maps ``(row index, "eager_s_b1" | "onnx_s_b1" | ...)`` to a call. A sample at
-    batch ``b`` is ``max(1, min(16, 256 // b))`` calls (a batch-1 call is too short to time
-    alone on a loaded machine), divided back to one call.
+    ``calls`` maps ``(row index, "eager_s_b1" | "onnx_s_b1" | ...)`` to a call; fills the rows.
     """
-    loops = {key: max(1, min(16, 256 // int(key[1].rsplit("_b", 1)[1]))) for key in calls}
-
-    def looped(fn, n):
-        def run() -> None:
-            for _ in range(n):
-                fn()
-
-        return run
-
-    times = time_round_robin(
-        {key: looped(fn, loops[key]) for key, fn in calls.items()},
+    times = time_batched_round_robin(
+        calls, {key: int(key[1].rsplit("_b", 1)[1]) for key in calls},
         repeats=cfg.repeats, warmup=max(cfg.warmup, 2), device=cfg.device,
     )
     for (i, key), samples in times.items():
         row = rows[i]
-        row["raw"][key] = [t / loops[i, key] for t in samples]
+        row["raw"][key] = samples
         row[key.replace("_s_b", "_ms_b")] = 1e3 * median(row["raw"][key])
     for row in rows:
         for b in cfg.infer_batches:

@@ -75,3 +75,35 @@ def time_round_robin(
         for key, fn in fns.items():
             times[key] += time_call(fn, repeats=1, warmup=0, device=device)
     return times
+
+
+def calls_per_sample(batch: int) -> int:
+    """Calls in one timed sample at ``batch``: a batch-1 call is too short to time alone on a
+    loaded machine, so a sample is up to 16 calls (``256 // batch``, at least 1)."""
+    return max(1, min(16, 256 // int(batch)))
+
+
+def time_batched_round_robin(
+    fns: Mapping[K, Callable[[], object]],
+    batches: Mapping[K, int],
+    *,
+    repeats: int,
+    warmup: int = 2,
+    device: str = "cpu",
+) -> dict[K, list[float]]:
+    """:func:`time_round_robin` where a sample of ``fns[k]`` is :func:`calls_per_sample`
+    ``(batches[k])`` calls; returns seconds per call."""
+    loops = {key: calls_per_sample(batches[key]) for key in fns}
+
+    def looped(fn: Callable[[], object], n: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(n):
+                fn()
+
+        return run
+
+    times = time_round_robin(
+        {key: looped(fn, loops[key]) for key, fn in fns.items()},
+        repeats=repeats, warmup=warmup, device=device,
+    )
+    return {key: [t / loops[key] for t in samples] for key, samples in times.items()}

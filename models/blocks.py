@@ -2,7 +2,7 @@
 
 - :class:`MaxMin` sorts channel pairs. We pair channel ``j`` with ``j + c/2`` (halves, as in the
   SOC code): it is a permutation on every input, so it is norm preserving and has an orthogonal
-  Jacobian almost everywhere (gradient norm preserving). Exports as Max, Min and Concat.
+  Jacobian almost everywhere (gradient norm preserving). Exports as Split, Max, Min and Concat.
 - :class:`ZeroChannelConcat` appends zero channels (an isometry).
 - :class:`FirstChannels` keeps the first ``k`` channels (a projection, norm <= 1).
 - :class:`InputCentering` subtracts the per-channel mean; the std stays 1 so every Lipschitz
@@ -22,14 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.graph_form import graph_form
+
 
 class MaxMin(nn.Module):
-    """MaxMin activation over channel halves: ``cat(max(a, b), min(a, b))``."""
+    """MaxMin activation over channel halves: ``cat(max(a, b), min(a, b))``.
+
+    Traced in graph form 2 (:mod:`models.graph_form`), the halves are one ``Split`` with
+    constant sizes; in form 1, Slices whose bounds are computed from the traced shape.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, ...)
         if x.shape[1] % 2:
             raise ValueError(f"MaxMin needs an even channel count, got {x.shape[1]}")
-        a, b = x.chunk(2, dim=1)
+        if torch.jit.is_tracing() and graph_form() >= 2:
+            a, b = torch.split(x, int(x.shape[1]) // 2, dim=1)  # the channel count is static
+        else:
+            a, b = x.chunk(2, dim=1)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
 

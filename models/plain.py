@@ -17,12 +17,35 @@ from torch import nn
 
 from models.exp_series import coefficients_from_ratios, exp_coefficients
 from models.fourier_stages import flush_tiny, fourier_stages, one_sided_spectrum_in_h
+from models.graph_form import graph_form
+
+
+class _WrapPad(torch.autograd.Function):
+    """Circular padding that the tracer records as one ONNX ``Pad(mode="wrap")`` (graph form 2).
+
+    Inference only (no backward): :func:`circular_pad` uses it while tracing, nowhere else.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: int) -> torch.Tensor:  # noqa: ARG004
+        return F.pad(x, (p, p, p, p), mode="circular")
+
+    @staticmethod
+    def symbolic(g, x, p: int):  # noqa: ANN001
+        pads = torch.tensor([0, 0, p, p, 0, 0, p, p], dtype=torch.int64)  # begins, then ends
+        return g.op("Pad", x, g.op("Constant", value_t=pads), mode_s="wrap")
 
 
 def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Circular padding by ``p`` on H and W, written with slices so every exporter maps it."""
+    """Circular padding by ``p`` on H and W.
+
+    Eager: slices and concatenations. Traced: one ``Pad(mode="wrap")`` in graph form 2, the same
+    slices and concatenations in form 1 (:mod:`models.graph_form`); the values are the same.
+    """
     if p == 0:
         return x
+    if torch.jit.is_tracing() and graph_form() >= 2:
+        return _WrapPad.apply(x, int(p))
     x = torch.cat([x[..., -p:, :], x, x[..., :p, :]], dim=-2)
     return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
 
@@ -229,6 +252,25 @@ class FourierConv2d(nn.Module):
                 f"FourierConv2d was exported for {self.input_size}x{self.input_size} inputs, "
                 f"got {tuple(x.shape[-2:])}"
             )
+        if graph_form() < 2:
+            y = self._per_frequency_form1(x)
+        else:  # every batch-dependent size is -1: the graph's shapes are constants
+            n, size, half = self.input_size, self.size, self.size // 2 + 1
+            c = int(self.blocks.shape[-1])
+            z = x.reshape(-1, n * n).transpose(0, 1).reshape(n, -1)  # (H, [W, B, C])
+            z = torch.matmul(self.dft_h, z).reshape(half, 2 * n, -1)  # (kh, [Re|Im, W], BC)
+            z = torch.matmul(self.dft_w, z)  # (kh, [kw, Re|Im], BC)
+            z = torch.matmul(z.reshape(half * size, 1, -1, c), self.blocks)  # (F, t, [j, B], C)
+            z = torch.matmul(self.idft_w, z.reshape(half, 4 * size, -1))  # (kh, [Re|Im, W], BC)
+            z = torch.matmul(self.dft_h.transpose(0, 1), z.reshape(2 * half, -1))
+            y = z.reshape(n * n, -1).transpose(0, 1).reshape(-1, c, n, n)  # (B, C, H, W)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def _per_frequency_form1(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without the bias as graph form 1 traces it (sizes from the traced
+        batch). Frozen: files of form 1 must keep tracing to exactly these nodes."""
         n, size, half = self.input_size, self.size, self.size // 2 + 1
         b, c = x.shape[0], x.shape[1]
         z = x.reshape(b * c, n * n).transpose(0, 1).reshape(n, n * b * c)  # (H, [W, B, C])
@@ -237,10 +279,7 @@ class FourierConv2d(nn.Module):
         z = torch.matmul(z.reshape(half * size, 1, 2 * b, c), self.blocks)  # (F, t, [j, B], C)
         z = torch.matmul(self.idft_w, z.reshape(half, 4 * size, b * c))  # (kh, [Re|Im, W], BC)
         z = torch.matmul(self.dft_h.transpose(0, 1), z.reshape(2 * half, n * b * c))
-        y = z.reshape(n * n, b * c).transpose(0, 1).reshape(b, c, n, n)  # (B, C, H, W)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
-        return y
+        return z.reshape(n * n, b * c).transpose(0, 1).reshape(b, c, n, n)  # (B, C, H, W)
 
     @torch.no_grad()
     def stage_factors(self) -> StageFactors:

@@ -214,3 +214,39 @@ def test_round_robin_takes_turns_and_returns_every_sample():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         time_round_robin({"a": lambda: None}, repeats=0)
+
+
+def test_batched_round_robin_loops_small_batches_and_divides_back():
+    from bench.timing import calls_per_sample, time_batched_round_robin
+
+    calls: list[str] = []
+    times = time_batched_round_robin(
+        {"one": lambda: calls.append("one"), "big": lambda: calls.append("big")},
+        {"one": 1, "big": 256}, repeats=2, warmup=1,
+    )
+    assert (calls_per_sample(1), calls_per_sample(64), calls_per_sample(1024)) == (16, 4, 1)
+    assert calls == ["one"] * 16 + ["big"] + (["one"] * 16 + ["big"]) * 2
+    assert {k: len(v) for k, v in times.items()} == {"one": 2, "big": 2}
+
+
+def test_forms_times_every_graph_form_and_checks_they_agree(tmp_path, capsys):
+    out = tmp_path / "forms"
+    assert main(["forms", "--methods", "standard", "--size", "xxs", "--input", "1x8x8",
+                 "--batches", "1,2", "--repeats", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "forms.json").read_text())
+    (row,) = doc["rows"]
+    assert row["method"] == "standard" and row["max_abs_diff"] == 0.0
+    assert row["nodes"]["2"] < row["nodes"]["1"]  # form 2 has fewer nodes
+    assert set(row["raw_s"]) == {"f1_b1", "f1_b2", "f2_b1", "f2_b2"}
+    assert row["ratio_b1"]["1"] == 1.0 and row["ratio_b2"]["2"] > 0
+    assert "| standard |" in capsys.readouterr().out
+    assert main(["forms", "--methods", "standard", "--repeats", "0", "--out", str(out)]) == 2
+
+
+def test_forms_leaves_torch_threads_alone(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    assert main(["forms", "--methods", "aol", "--size", "xxs", "--input", "1x8x8", "--batches",
+                 "1", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == before

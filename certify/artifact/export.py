@@ -33,6 +33,7 @@ from certify.artifact.runtime import _parity
 from certify.artifact.structure import OPSET, graft, skeleton_proto
 from certify.audit import audit
 from models.export import to_plain
+from models.graph_form import CURRENT, check_form
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def to_onnx(
     *,
     input_shape: Sequence[int] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    graph_form: int = CURRENT,
 ) -> Path:
     """Export a LipNet to one audited ONNX file, then prove it loads (:func:`load`).
 
@@ -71,12 +73,15 @@ def to_onnx(
         metadata: extra ``metadata_props``: ``dataset``, ``classes`` (list of names), clean and
             certified accuracy, training time, ... Non-string values are stored as JSON. Keys
             computed here (bounds, hash, config, ...) may not be passed.
+        graph_form: the ONNX operators to write (:mod:`models.graph_form`): 2 (default) pads
+            with ``Pad(mode="wrap")``; 1 with slices and concatenations, for a runtime without
+            the opset-19 wrap pad. The values, the bound and the certificate are the same.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: bad input shape or reserved metadata keys.
+        ValueError: bad input shape, reserved metadata keys or an unknown graph form.
         ExportError: the checker, the re-audit or the ONNX Runtime parity check failed.
     """
     import onnx
@@ -96,10 +101,11 @@ def to_onnx(
     if len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for {num_classes} classes")
 
+    check_form(graph_form)
     plain = to_plain(model)
     result = audit(plain, shape)
     try:
-        proto = graft(skeleton_proto(config, shape), plain)
+        proto = graft(skeleton_proto(config, shape, form=graph_form), plain)
     except ValueError as exc:
         raise ExportError(
             f"{exc}: the model does not match its own config, so no server could rebuild it"

@@ -48,6 +48,7 @@ from certify.artifact.structure import (
 )
 from certify.audit import AuditResult, audit
 from certify.radius import certified_radius, slack_for_provider
+from models.graph_form import FORMS
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ def _audit_metadata(result: AuditResult) -> dict[str, Any]:
     if result.head_pairs is not None:
         props["head_distances"] = np.asarray(result.head_pairs, dtype=np.float64).tolist()
     return props
+
+
+def _first_form_mismatch(
+    proto: Any, config: Mapping[str, Any], shape: tuple[int, ...], twin: nn.Module, clock: Any
+) -> str | None:
+    """None if ``proto``'s graph is the export of ``twin`` in some graph form, else the newest
+    form's mismatch. Raises what :func:`skeleton_proto` raises."""
+    first = None
+    for form in FORMS:
+        reference = skeleton_proto(config, shape, twin, form)
+        clock.lap("export")
+        mismatch = structure_mismatch(proto, reference, list(twin.state_dict()))
+        clock.lap("compare")
+        if mismatch is None:
+            return None
+        first = first or mismatch
+    return first
 
 
 @dataclass
@@ -250,18 +268,16 @@ def _load_bytes(
     shape = tuple(meta["input_shape"])
     first_mismatch = None
     # The stored config first; then what it meant under an earlier default, for older files.
+    # Each in every graph form, newest first (older files were traced to an earlier form).
     for config in [meta["config"], *legacy_configs(meta["config"])]:
         try:
             twin = build_skeleton(config)
             clock.lap("rebuild")
-            reference = skeleton_proto(config, shape, twin)
-            clock.lap("export")
+            mismatch = _first_form_mismatch(proto, config, shape, twin, clock)
         except Exception as exc:  # any failure to rebuild is a refusal, never a crash
             raise _fail(
                 source, f"cannot rebuild the stored config: {exc}".splitlines()[0]
             ) from None
-        mismatch = structure_mismatch(proto, reference, list(twin.state_dict()))
-        clock.lap("compare")
         if mismatch is None:
             break
         first_mismatch = first_mismatch or mismatch

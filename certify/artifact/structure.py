@@ -25,8 +25,10 @@ what ONNX Runtime computes and are ignored. Anything else that differs is a refu
 that only *looks* like a constant (a value folded into the graph) fails to compare and is refused
 too, so the check can only err on the side of refusing.
 
-The skeleton export depends only on the configuration, the input shape and the library versions,
-so it is cached per process (:func:`skeleton_proto`).
+The skeleton export depends only on the configuration, the input shape, the graph form
+(:mod:`models.graph_form`) and the library versions, so it is cached per process
+(:func:`skeleton_proto`). The loader tries every form it knows, newest first: each form's export
+of the twin computes the twin's function, so accepting any exact match is as sound as one form.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.graph_form import CURRENT, traced_as
+
 #: ONNX opset of exported models.
 OPSET = 19
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -51,8 +55,10 @@ _CACHE: dict[str, Any] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def export_proto(plain: nn.Module, input_shape: Sequence[int]) -> Any:
+def export_proto(plain: nn.Module, input_shape: Sequence[int], form: int = CURRENT) -> Any:
     """Export a plain network to an in-memory ``onnx.ModelProto`` (the one exporter lipcert uses).
+
+    ``form``: the graph form to trace (:mod:`models.graph_form`; the values are the same in all).
 
     ``torch.onnx.export`` (the TorchScript tracer, ``dynamo=False``: 10–20x faster here than the
     ``torch.export`` path, which matters because every load exports a skeleton), opset
@@ -72,7 +78,7 @@ def export_proto(plain: nn.Module, input_shape: Sequence[int]) -> Any:
     example = torch.zeros((2, *input_shape))
     buffer = io.BytesIO()
     # The exporter warns about its own deprecation and prints progress; library code is quiet.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), traced_as(form):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             traced, (example,), buffer, dynamo=False, opset_version=OPSET,
@@ -161,20 +167,23 @@ def legacy_configs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def skeleton_proto(
-    config: Mapping[str, Any], input_shape: Sequence[int], skeleton: nn.Module | None = None
+    config: Mapping[str, Any],
+    input_shape: Sequence[int],
+    skeleton: nn.Module | None = None,
+    form: int = CURRENT,
 ) -> Any:
-    """:func:`export_proto` of :func:`build_skeleton`, cached per (config, shape, versions).
+    """:func:`export_proto` of :func:`build_skeleton`, cached per (config, shape, form, versions).
 
     ``skeleton``: an already built plain network of exactly this config, to save building
     another one (the export depends on the shapes of its weights only).
     """
     key = json.dumps(
-        [dict(config), list(input_shape), torch.__version__], sort_keys=True, default=str
+        [dict(config), list(input_shape), form, torch.__version__], sort_keys=True, default=str
     )
     with _CACHE_LOCK:
         if key not in _CACHE:
             module = skeleton if skeleton is not None else build_skeleton(config)
-            _CACHE[key] = export_proto(module, tuple(input_shape))
+            _CACHE[key] = export_proto(module, tuple(input_shape), form)
         return _CACHE[key]
 
 
