@@ -61,14 +61,14 @@ def _sessions(cfg: FormsConfig, method: str) -> tuple[dict[int, Any], dict[str, 
     torch.manual_seed(cfg.seed)
     model = create_model(method, cfg.size, c, cfg.num_classes, h).eval()
     plain = to_plain(model)
-    sessions, row = {}, {"method": method, "size": cfg.size, "nodes": {}}
+    sessions, row = {}, {"method": method, "size": cfg.size, "nodes": {}, "providers": {}}
     for form in FORMS:
         proto = export_proto(plain, cfg.input_shape, form)
         row["nodes"][form] = len(proto.graph.node)
         sessions[form] = open_session(
             proto.SerializeToString(), default_providers(cfg.device == "cuda"), cfg.threads
         )
-        row["providers"] = sessions[form].get_providers()
+        row["providers"][form] = sessions[form].get_providers()
     check = np.random.default_rng(cfg.seed).random((2, *cfg.input_shape), dtype=np.float32)
     logits = {f: s.run(None, {"image": check})[0] for f, s in sessions.items()}
     first = logits[min(logits)]
