@@ -160,15 +160,35 @@ def _lower_text(lower: float | None) -> str:
 def _local_norm(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int, gen: torch.Generator
 ) -> float:
-    """Power iteration on ``JᵀJ`` of ``f`` at ``x`` (forward-mode JVP, reverse-mode VJP)."""
-    _, vjp_fn = torch.func.vjp(f, x)
+    """Power iteration on ``JᵀJ`` of ``f`` at ``x``: the last ``‖J v‖`` (``‖v‖ = 1``).
+
+    One forward pass records ``y = f(x)`` and, through it, ``g(u) = Jᵀu`` (linear in ``u``).
+    Then ``Jᵀw`` is a backward pass through ``y`` and ``J v`` one through ``g`` (``J v`` is the
+    gradient of ``⟨g(u), v⟩`` in ``u``): no forward pass per step. Forward-mode AD re-runs the
+    network every step, 4-15x slower here (SOC's series layers: 83 ms a step against 6). Where a
+    layer's backward cannot be differentiated (``once_differentiable``), forward mode it is.
+    """
     v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    x = x.detach().requires_grad_(True)
+    y = f(x)
+    u = torch.zeros_like(y, requires_grad=True)
+    try:
+        (g,) = torch.autograd.grad(y, x, u, create_graph=True)
+        if not g.requires_grad:  # f is constant in x: J = 0
+            return 0.0
+        jvp = lambda v: torch.autograd.grad(g, u, v, retain_graph=True)[0]  # noqa: E731
+        vjp = lambda w: torch.autograd.grad(y, x, w, retain_graph=True)[0]  # noqa: E731
+        jvp(torch.zeros_like(x))
+    except RuntimeError:  # a backward that cannot be differentiated again
+        _, vjp_fn = torch.func.vjp(f, x.detach())
+        jvp = lambda v: torch.func.jvp(f, (x.detach(),), (v,))[1]  # noqa: E731
+        vjp = lambda w: vjp_fn(w)[0]  # noqa: E731
     sigma = 0.0
     for _ in range(steps):
         v = v / v.norm().clamp_min(1e-300)
-        _, jv = torch.func.jvp(f, (x,), (v,))
+        jv = jvp(v)
         sigma = float(jv.norm())
-        (v,) = vjp_fn(jv)
+        v = vjp(jv)
     return sigma
 
 

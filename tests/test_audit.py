@@ -6,7 +6,7 @@ import pytest
 import torch
 from lipschitz_utils import jacobian_matrix
 
-from certify.audit import audit, layer_bound
+from certify.audit import audit, layer_bound, power_iteration_lower
 from models import plain
 from models.registry import create_layer, list_methods
 
@@ -128,3 +128,45 @@ def test_a_foreign_self_described_bound_is_not_trusted() -> None:
 
     with pytest.raises(TypeError, match="no Lipschitz rule"):
         audit(torch.nn.Sequential(Liar()), SHAPE, lower=False)
+
+
+class _OnceDifferentiableLinear(torch.autograd.Function):
+    """``x ↦ x Wᵀ`` with a backward that cannot be differentiated again (and a forward mode)."""
+
+    @staticmethod
+    def forward(x, weight):
+        return x @ weight.T
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, x_tangent, weight_tangent):
+        return x_tangent @ ctx.weight.T
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
+@pytest.mark.parametrize("once_differentiable", [False, True])
+def test_power_iteration_reaches_the_norm_of_a_known_jacobian(once_differentiable) -> None:
+    # A linear map has J = W everywhere. Both AD paths (the double backward, and forward mode
+    # where a backward is once_differentiable) must reach ‖W‖ from below.
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 48, generator=gen, dtype=torch.float64)
+    norm = float(torch.linalg.matrix_norm(weight, ord=2))
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            flat = x.flatten(1)
+            w = weight.to(flat.dtype)
+            y = _OnceDifferentiableLinear.apply(flat, w) if once_differentiable else flat @ w.T
+            return y.view_as(x)
+
+    lower = power_iteration_lower(Linear(), (3, 4, 4), steps=200, points=1)
+    assert norm * (1 - 1e-6) <= lower <= norm * (1 + 1e-12)
