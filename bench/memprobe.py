@@ -2,9 +2,9 @@
 
 Run as ``python -m bench.memprobe '<json spec>'``; prints one JSON object on stdout. The
 baseline is the resident set size once every library is imported and torch's lazily loaded
-kernels have run once (two SGD steps of a tiny conv); ``delta_mb`` is the peak RSS above it,
-i.e. the model, its gradients and optimizer state (training), and the activations of the measured
-calls.
+kernels have run once (two SGD steps of a tiny conv to train, one forward pass to infer);
+``delta_mb`` is the peak RSS above it, i.e. the model, its gradients and optimizer state
+(training), and the activations of the measured calls.
 
 The peak is the kernel's per-address-space high-water mark (``VmHWM`` in ``/proc/self/status``),
 reset after the imports through ``/proc/self/clear_refs``. ``getrusage``'s ``ru_maxrss`` would be
@@ -45,14 +45,21 @@ def probe(spec: dict[str, Any]) -> dict[str, float]:
     torch.manual_seed(seed)
     c, h, w = spec["input_shape"]
     batch = int(spec["batch"])
-    # Load the lazily initialized autograd and convolution code before the baseline, so the delta
-    # is the model's, not the first backward pass's one-off library cost.
+    # Load the lazily initialized convolution (and, to train, autograd and optimizer) code before
+    # the baseline, so the delta is the model's, not a first call's one-off library cost.
+    # Inference skips the optimizer: its first use imports torch._dynamo (about 2 s).
     warm = torch.nn.Conv2d(2, 2, 3, padding=1)
-    warm_opt = torch.optim.SGD(warm.parameters(), lr=1e-3, momentum=0.9)
-    for _ in range(2):
-        F.cross_entropy(warm(torch.zeros(1, 2, 4, 4)).flatten(1), torch.zeros(1).long()).backward()
-        warm_opt.step()
-    del warm, warm_opt
+    if mode == "train":
+        warm_opt = torch.optim.SGD(warm.parameters(), lr=1e-3, momentum=0.9)
+        for _ in range(2):
+            out = warm(torch.zeros(1, 2, 4, 4)).flatten(1)
+            F.cross_entropy(out, torch.zeros(1).long()).backward()
+            warm_opt.step()
+        del warm_opt
+    else:
+        with torch.no_grad():
+            warm(torch.zeros(1, 2, 4, 4))
+    del warm
     reset_peak_rss()
     baseline = psutil.Process().memory_info().rss
     if mode == "onnx":
