@@ -72,8 +72,9 @@ def _child(args: list[str], home: str | Path | None, stdin: str = "") -> str:
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     # The file, not ``-m certify.artifact.store``: ``-m`` would first import the ``certify``
     # package, whose audit imports torch (about 3 of the child's 4.5 s). This module imports
-    # only the standard library and, in the child, BentoML.
-    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], env=env,
+    # only the standard library and, in the child, BentoML. ``-P``: this file's folder is not put
+    # on ``sys.path``, so its siblings (``format.py``, ``runtime.py``, ...) shadow nothing.
+    res = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), *args], env=env,
                          input=stdin, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
