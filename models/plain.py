@@ -86,8 +86,17 @@ class ResidualConv2d(nn.Module):
         self.register_buffer("scale", scale.detach().float().reshape(1, -1, 1, 1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.weight.shape[-1] // 2
+        k = self.weight.shape[-1]
+        p = k // 2
         h = F.relu(F.conv2d(x, self.weight, self.bias, padding=p)) * self.scale
+        if torch.jit.is_tracing() and graph_form() >= 3:
+            # Graph form 3: ``−Kᵀh`` as a convolution with the flipped, transposed, negated
+            # kernel, added to x (stride 1: ``conv_transpose2d(h, K, padding=p)`` is
+            # ``conv2d(h, flip(K)ᵀ, padding=k−1−p)``). The kernel is computed in the graph
+            # from K's initializer (ONNX Runtime folds it once, at session start), so the file
+            # holds K alone; the Conv and the Add run in ONNX Runtime's blocked layout.
+            adjoint = -self.weight.flip(2, 3).transpose(0, 1)
+            return x + F.conv2d(h, adjoint, padding=k - 1 - p)
         return x - F.conv_transpose2d(h, self.weight, padding=p)
 
 

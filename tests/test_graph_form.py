@@ -2,6 +2,8 @@
 
 ``tests/data/form1-*.onnx`` were written by ``certify.artifact.to_onnx`` at commit bc628f2 (the
 last export of form 1): Standard and LOT at size xxs on 1×8×8 inputs, ``torch.manual_seed(0)``.
+``tests/data/form2-sll-xxs-1x8x8.onnx`` was written the same way at commit 406dc96 (the last
+export of form 2; SLL, whose residual layers form 3 changes).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from models import create_model
 from models.blocks import MaxMin
 from models.export import to_plain
 from models.graph_form import CURRENT, FORMS, graph_form, traced_as
-from models.plain import CircularConv2d
+from models.plain import CircularConv2d, ResidualConv2d
 
 DATA = Path(__file__).parent / "data"
-FORM1_FILES = sorted(DATA.glob("form1-*.onnx"))
+OLD_FILES = sorted(DATA.glob("form[0-9]-*.onnx"))
 
 
 def _plain(method: str) -> torch.nn.Module:
@@ -36,28 +38,35 @@ def _ops(proto) -> list[str]:
     return [n.op_type for n in proto.graph.node]
 
 
-def test_the_form1_fixtures_exist():
-    assert [p.name for p in FORM1_FILES] == [
-        "form1-lot-xxs-1x8x8.onnx", "form1-standard-xxs-1x8x8.onnx",
+def test_the_old_form_fixtures_exist():
+    assert [p.name for p in OLD_FILES] == [
+        "form1-lot-xxs-1x8x8.onnx", "form1-standard-xxs-1x8x8.onnx", "form2-sll-xxs-1x8x8.onnx",
     ]
 
 
-@pytest.mark.parametrize("path", FORM1_FILES, ids=lambda p: p.name)
-def test_files_of_form_1_still_load_and_only_because_form_1_is_accepted(path, monkeypatch):
+@pytest.mark.parametrize("path", OLD_FILES, ids=lambda p: p.name)
+def test_files_of_old_forms_still_load_and_only_because_their_form_is_accepted(path, monkeypatch):
+    form = int(path.name[len("form")])
     proto = onnx.load(str(path))
-    assert "Split" not in _ops(proto) and "Slice" in _ops(proto)  # it really is form 1
+    if form == 1:  # it really is form 1
+        assert "Split" not in _ops(proto) and "Slice" in _ops(proto)
+    else:  # it really is form 2
+        assert "Split" in _ops(proto) and "ConvTranspose" in _ops(proto)
     artifact = load(path)  # the structure check, the audit and the parity check all pass
     stated = decode_metadata(proto)["lipschitz_bound"]  # what the exporter proved back then
     assert artifact.audit.bound == pytest.approx(stated, rel=1e-9)
-    # Without form 1 among the accepted forms the same file is refused, and says why.
+    # Without its form among the accepted forms the same file is refused, and says why.
     loader = importlib.import_module("certify.artifact.load")  # the module, not the function
-    monkeypatch.setattr(loader, "FORMS", (CURRENT,))
+    monkeypatch.setattr(loader, "FORMS", tuple(f for f in FORMS if f != form))
     with pytest.raises(ModelVerificationError, match="graph is not the export of its config"):
         load(path)
 
 
-@pytest.mark.parametrize("method", ["standard", "lot"])
-def test_every_form_computes_the_same_logits_bit_for_bit(method):
+@pytest.mark.parametrize("method", ["standard", "lot", "sll"])
+def test_every_form_computes_the_same_logits(method):
+    # Forms 1 and 2 differ in data movement only: bit for bit. Form 3 sums CPL's and SLL's
+    # adjoint convolution in another order: equal to float32 rounding (and bit for bit where a
+    # network has no residual layer).
     plain = _plain(method)
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
     logits = {}
@@ -67,8 +76,25 @@ def test_every_form_computes_the_same_logits_bit_for_bit(method):
     with torch.no_grad():
         eager = plain(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits[CURRENT], eager, atol=1e-5, rtol=0)
-    for form in FORMS:
-        np.testing.assert_array_equal(logits[form], logits[CURRENT])
+    np.testing.assert_array_equal(logits[1], logits[2])
+    if any(isinstance(m, ResidualConv2d) for m in plain.modules()):
+        np.testing.assert_allclose(logits[3], logits[2], atol=1e-6, rtol=0)
+        assert not np.array_equal(logits[3], logits[2])  # really another graph
+    else:
+        np.testing.assert_array_equal(logits[3], logits[2])
+
+
+def test_form_3_writes_the_residual_adjoint_as_a_conv_of_the_same_initializer():
+    plain = _plain("sll")
+    residual = sum(isinstance(m, ResidualConv2d) for m in plain.modules())
+    form3, form2 = (export_proto(plain, (1, 8, 8), f) for f in (3, 2))
+    ops3, ops2 = _ops(form3), _ops(form2)
+    assert residual and ops2.count("ConvTranspose") == residual and "ConvTranspose" not in ops3
+    assert ops3.count("Conv") == ops2.count("Conv") + residual
+    assert ops3.count("Neg") == residual and ops3.count("Add") == ops2.count("Add") + residual
+    # No new initializer: the adjoint kernel is computed from K's own initializer in the graph.
+    assert sorted(i.name for i in form3.graph.initializer) == sorted(
+        i.name for i in form2.graph.initializer)
 
 
 def test_form_2_pads_by_wrap_and_splits_maxmin_with_constant_sizes():
@@ -110,8 +136,8 @@ def test_traced_as_sets_the_form_for_its_block_only_and_refuses_unknown_forms():
     with traced_as(1):
         assert graph_form() == 1
     assert graph_form() == CURRENT
-    with pytest.raises(ValueError, match="unknown graph form 3; choose from 2, 1"):
-        with traced_as(3):
+    with pytest.raises(ValueError, match="unknown graph form 4; choose from 3, 2, 1"):
+        with traced_as(4):
             pass
 
 
@@ -126,5 +152,5 @@ def test_to_onnx_writes_the_form_asked_for_and_refuses_unknown_ones(tmp_path):
                        graph_form=form)
         ops[form] = _ops(onnx.load(str(path)))  # to_onnx has loaded it back: it verifies
     assert "Split" in ops[2] and "Split" not in ops[1]
-    with pytest.raises(ValueError, match="unknown graph form 0; choose from 2, 1"):
+    with pytest.raises(ValueError, match="unknown graph form 0; choose from 3, 2, 1"):
         to_onnx(model, tmp_path / "f0.onnx", graph_form=0)

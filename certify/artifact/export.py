@@ -73,9 +73,11 @@ def to_onnx(
         metadata: extra ``metadata_props``: ``dataset``, ``classes`` (list of names), clean and
             certified accuracy, training time, ... Non-string values are stored as JSON. Keys
             computed here (bounds, hash, config, ...) may not be passed.
-        graph_form: the ONNX operators to write (:mod:`models.graph_form`): 2 (default) pads
-            with ``Pad(mode="wrap")``; 1 with slices and concatenations, for a runtime without
-            the opset-19 wrap pad. The values, the bound and the certificate are the same.
+        graph_form: the ONNX operators to write (:mod:`models.graph_form`): 3 (default) pads
+            with ``Pad(mode="wrap")`` and writes CPL's and SLL's adjoint as a ``Conv``; 2 keeps
+            their ``ConvTranspose``; 1 pads with slices and concatenations, for a runtime
+            without the opset-19 wrap pad. The function, the bound and the certificate are the
+            same.
 
     Returns:
         The path written.
