@@ -237,7 +237,9 @@ def test_forms_times_every_graph_form_and_checks_they_agree(tmp_path, capsys):
     (row,) = doc["rows"]
     assert row["method"] == "standard" and row["max_abs_diff"] == 0.0
     assert row["nodes"]["2"] < row["nodes"]["1"]  # form 2 has fewer nodes
-    assert set(row["raw_s"]) == {"f1_b1", "f1_b2", "f2_b1", "f2_b2"}
+    from models.graph_form import FORMS
+
+    assert set(row["raw_s"]) == {f"f{f}_b{b}" for f in FORMS for b in (1, 2)}
     assert row["ratio_b1"]["1"] == 1.0 and row["ratio_b2"]["2"] > 0
     assert "| standard |" in capsys.readouterr().out
     assert main(["forms", "--methods", "standard", "--repeats", "0", "--out", str(out)]) == 2
