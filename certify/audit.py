@@ -174,12 +174,10 @@ def _local_norm(
     u = torch.zeros_like(y, requires_grad=True)
     try:
         (g,) = torch.autograd.grad(y, x, u, create_graph=True)
-        if not g.requires_grad:  # f is constant in x: J = 0
-            return 0.0
         jvp = lambda v: torch.autograd.grad(g, u, v, retain_graph=True)[0]  # noqa: E731
         vjp = lambda w: torch.autograd.grad(y, x, w, retain_graph=True)[0]  # noqa: E731
         jvp(torch.zeros_like(x))
-    except RuntimeError:  # a backward that cannot be differentiated again
+    except RuntimeError:  # a backward that cannot be differentiated again (or f ignores x)
         _, vjp_fn = torch.func.vjp(f, x.detach())
         jvp = lambda v: torch.func.jvp(f, (x.detach(),), (v,))[1]  # noqa: E731
         vjp = lambda w: vjp_fn(w)[0]  # noqa: E731
